@@ -1,0 +1,106 @@
+"""LoraConfig: PEFT's parameter names and defaults, validated on construction.
+
+A user of ``peft.LoraConfig`` can switch the import line and keep the rest of their code.
+Differences from peft (deliberate): ``task_type`` defaults to "CAUSAL_LM" because lorakit
+adapts causal language models only, and invalid values fail at construction with one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from lorakit._dataclass_config import field_names, strict_config
+from lorakit.errors import LorakitError, unknown_key_error
+
+BIAS_CHOICES = ("none", "all", "lora_only")
+INIT_CHOICES = (True, False, "gaussian")
+
+# Keys peft writes into adapter_config.json that lorakit accepts as metadata.
+_PEFT_METADATA_KEYS = {"peft_type", "auto_mapping", "peft_version", "megatron_core", "qalora_group_size"}
+# Keys of peft features lorakit does not implement: accepted only when switched off.
+_PEFT_FEATURES_OFF_ONLY = {
+    "alora_invocation_tokens", "arrow_config", "corda_config", "eva_config", "kasa_config",
+    "layer_replication", "loftq_config", "lora_bias", "lora_ga_config", "megatron_config",
+    "monteclora_config", "target_parameters", "trainable_token_indices", "use_bdlora",
+    "use_qalora", "velora_config", "ensure_weight_tying",
+}
+
+
+@strict_config
+@dataclass
+class LoraConfig:
+    """Low-rank adapter settings (Hu et al. 2021), named as in ``peft.LoraConfig``.
+
+    r: rank of A (r, in) and B (out, r). lora_alpha: scale numerator, s = alpha / r
+    (alpha / sqrt(r) when use_rslora). target_modules: list of module-name suffixes,
+    a regex matched against the full module name, or "all-linear" (every Linear/Conv1D
+    except the output head). rank_pattern / alpha_pattern: per-module overrides keyed by a
+    name suffix or regex.
+    """
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    bias: str = "none"
+    use_rslora: bool = False
+    use_dora: bool = False
+    init_lora_weights: bool | str = True
+    fan_in_fan_out: bool = False
+    modules_to_save: list[str] | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    task_type: str | None = "CAUSAL_LM"
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+    inference_mode: bool = False
+
+    peft_type = "LORA"  # class attribute, not a field: fixed for this config type
+
+    def __post_init__(self):
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise LorakitError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
+        if not 0.0 <= float(self.lora_dropout) < 1.0:
+            raise LorakitError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.bias not in BIAS_CHOICES:
+            raise LorakitError(f"LoraConfig.bias must be one of {', '.join(BIAS_CHOICES)}; got {self.bias!r}")
+        if self.init_lora_weights not in INIT_CHOICES:
+            choices = ", ".join(repr(c) for c in INIT_CHOICES)
+            raise LorakitError(f"LoraConfig.init_lora_weights must be one of {choices}; got {self.init_lora_weights!r}")
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
+            self.layers_to_transform = [self.layers_to_transform]
+        for name, rank in self.rank_pattern.items():
+            if not isinstance(rank, int) or rank <= 0:
+                raise LorakitError(f"LoraConfig.rank_pattern['{name}'] must be a positive integer, got {rank!r}")
+
+    # --- serialisation in peft's adapter_config.json layout -----------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The adapter_config.json content: every field plus ``peft_type``."""
+        data = dataclasses.asdict(self)
+        data["peft_type"] = self.peft_type
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "LoraConfig") -> "LoraConfig":
+        """Build from a dict (YAML, or a peft adapter_config.json). Unknown keys are errors;
+        peft keys for features lorakit lacks are accepted only when those features are off."""
+        names = field_names(cls)
+        kwargs = {}
+        for key, value in data.items():
+            if key in names:
+                kwargs[key] = value
+            elif key in _PEFT_METADATA_KEYS:
+                continue
+            elif key in _PEFT_FEATURES_OFF_ONLY:
+                if value not in (None, False, {}, []):
+                    raise LorakitError(f"{where}: peft option '{key}' = {value!r} is not supported by lorakit")
+            else:
+                raise unknown_key_error(key, names, where)
+        return cls(**kwargs)

@@ -1,0 +1,145 @@
+"""LoraLayer: a frozen linear layer plus one or more named low-rank adapters.
+
+    y = base_layer(x) + Σ_active  s_a · B_a(A_a(dropout(x)))
+
+x: (..., in) -> y: (..., out). A_a: Linear(in, r_a), B_a: Linear(r_a, out), s_a = alpha_a / r_a.
+Adapters live in ``nn.ModuleDict``s keyed by adapter name, exactly as in peft, so the
+in-memory names are ``<path>.lora_A.<adapter>.weight``. Adapter weights are kept in fp32
+even when the frozen base is bf16; the input is cast to the adapter dtype and the update
+back to the output dtype.
+
+Wraps ``nn.Linear`` (weight (out, in)) and GPT-2's ``Conv1D`` (weight (in, out),
+``fan_in_fan_out``). ``merge()`` / ``unmerge()`` are explicit; ``eval()`` never merges.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lorakit.adapters.lora.functional import delta_weight, lora_scaling, merge_into, unmerge_from
+from lorakit.errors import LorakitError
+
+SUPPORTED_BASE_TYPES = (nn.Linear, Conv1D)
+
+
+def base_layer_features(base_layer: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a Linear or Conv1D."""
+    if isinstance(base_layer, Conv1D):
+        return base_layer.weight.shape[0], base_layer.weight.shape[1]
+    return base_layer.in_features, base_layer.out_features
+
+
+def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    """Adapters train in fp32 over a half-precision base (fp64 stays fp64 for exact tests)."""
+    return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+class LoraLayer(nn.Module):
+    """Wraps ``base_layer`` and adds named LoRA adapters; see module docstring for the math."""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        self.in_features, self.out_features = base_layer_features(base_layer)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disable_adapters = False
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight, so code that reads ``layer.weight`` keeps working."""
+        return self.base_layer.weight
+
+    def add_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                    use_rslora: bool = False, init_lora_weights: bool | str = True) -> None:
+        """Create adapter ``name`` (A: (r, in), B: (out, r)); with the default init B = 0,
+        so the layer's output is unchanged until training moves B."""
+        weight = self.base_layer.weight
+        factory = {"device": weight.device, "dtype": adapter_dtype(weight)}
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **factory)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, **factory)
+        self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.r[name] = r
+        self.lora_alpha[name] = lora_alpha
+        self.scaling[name] = lora_scaling(r, lora_alpha, use_rslora)
+        self.reset_adapter(name, init_lora_weights)
+        if name not in self.active_adapters:
+            self.active_adapters.append(name)
+
+    @torch.no_grad()
+    def reset_adapter(self, name: str, init_lora_weights: bool | str) -> None:
+        """True: A Kaiming-uniform, B = 0 (peft's default). "gaussian": A ~ N(0, 1/r), B = 0.
+        False: both random (a non-identity adapter, useful for tests)."""
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        if init_lora_weights is False:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+            return
+        if init_lora_weights == "gaussian":
+            nn.init.normal_(A, std=1.0 / self.r[name])
+        else:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        nn.init.zeros_(B)
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise LorakitError(f"adapter '{name}' is merged into the base weights; unmerge it before deleting")
+        for table in (self.lora_A, self.lora_B, self.lora_dropout):
+            table.pop(name, None)
+        for table in (self.r, self.lora_alpha, self.scaling):
+            table.pop(name, None)
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def get_delta_weight(self, name: str) -> torch.Tensor:
+        """s · B A in the base weight's layout ((out, in), or (in, out) for Conv1D), fp32."""
+        return delta_weight(self.lora_A[name].weight, self.lora_B[name].weight,
+                            self.scaling[name], self.fan_in_fan_out)
+
+    def adapter_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """s · B(A(dropout(x))) for one adapter: (..., in) -> (..., out), in the adapter dtype."""
+        lora_A = self.lora_A[name]
+        h = lora_A(self.lora_dropout[name](x.to(lora_A.weight.dtype)))  # (..., r)
+        return self.lora_B[name](h) * self.scaling[name]  # (..., out)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters:
+            if self.merged_adapters:
+                raise LorakitError("adapters are merged into the base weights; call unmerge() before disabling them")
+            return result
+        for name in self.active_adapters:
+            if name in self.merged_adapters or name not in self.lora_A:
+                continue
+            result = result + self.adapter_output(name, x).to(result.dtype)
+        return result
+
+    @torch.no_grad()
+    def merge(self, adapter_names: list[str] | None = None) -> None:
+        """Fold the active (or named) adapters into the base weight: W <- W + s·BA."""
+        for name in adapter_names or list(self.active_adapters):
+            if name in self.merged_adapters or name not in self.lora_A:
+                continue
+            merge_into(self.base_layer.weight, self.get_delta_weight(name))
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo ``merge()`` in reverse order: W <- W - s·BA."""
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            unmerge_from(self.base_layer.weight, self.get_delta_weight(name))
+
+    def extra_repr(self) -> str:
+        ranks = ", ".join(f"{n}: r={r}" for n, r in self.r.items())
+        return f"in={self.in_features}, out={self.out_features}, adapters=({ranks})"

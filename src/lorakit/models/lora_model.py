@@ -1,0 +1,253 @@
+"""LoraModel: a transformers causal LM with adapters injected, and peft's user-facing API.
+
+    model = get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    model.print_trainable_parameters()
+    model.save_pretrained("out")            # peft layout
+    merged = model.merge_and_unload()       # plain transformers model
+
+The wrapped model is ``self.model``; attribute access falls through to it (``config``,
+``generate``, ``device`` ...). Several named adapters can live side by side; one set is
+active at a time (mixed per-row batches live in ``lorakit.inference``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorakit.adapters import method_for_config, method_for_peft_type
+from lorakit.adapters.registry import all_layer_types
+from lorakit.errors import LorakitError
+from lorakit.models import peft_format
+from lorakit.models.modules_to_save import ModulesToSaveWrapper
+from lorakit.models.targets import find_target_modules
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+class LoraModel(nn.Module):
+    """A causal LM whose selected layers carry adapters; see module docstring."""
+
+    def __init__(self, model: nn.Module, config, adapter_name: str = "default"):
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, object] = {}
+        self.active_adapter = adapter_name
+        for param in model.parameters():
+            param.requires_grad_(False)
+        self.add_adapter(adapter_name, config)
+
+    # --- attribute fall-through and forward ---------------------------------------------
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.model.generate(*args, **kwargs)
+
+    @property
+    def base_model(self) -> "LoraModel":
+        """peft compatibility: ``peft_model.base_model.model`` is the transformers model."""
+        return self
+
+    def adapter_layers(self):
+        """(name, module) for every adapter wrapper layer in the model."""
+        types = all_layer_types()
+        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, types)]
+
+    def _wrappers(self):
+        return [m for m in self.model.modules() if isinstance(m, ModulesToSaveWrapper)]
+
+    # --- adapters ---------------------------------------------------------------------
+    def add_adapter(self, adapter_name: str, config) -> None:
+        """Inject a new adapter into the layers ``config`` selects; it becomes trainable."""
+        if adapter_name in self.peft_config:
+            raise LorakitError(f"adapter '{adapter_name}' already exists; choose another name or delete it first")
+        method = method_for_config(config)
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = getattr(self.model, "name_or_path", None) or None
+        targets = find_target_modules(self.model, config)
+        for name in targets:
+            module = self.model.get_submodule(name)
+            replacement = method.attach(module, adapter_name, config, name)
+            if replacement is not module:
+                _set_submodule(self.model, name, replacement)
+        for name in config.modules_to_save or []:
+            self._add_module_to_save(name, adapter_name)
+        self.peft_config[adapter_name] = config
+        if config.bias != "none":
+            for param in peft_format.adapter_tensors(self.model, adapter_name, config.bias, all_layer_types()).values():
+                param.requires_grad_(True)
+        self.set_adapter(adapter_name)
+
+    def _add_module_to_save(self, suffix: str, adapter_name: str) -> None:
+        matches = [n for n, m in self.model.named_modules()
+                   if (n == suffix or n.endswith("." + suffix)) and ".modules_to_save." not in n
+                   and not n.endswith(".original_module")]
+        if not matches:
+            raise LorakitError(f"modules_to_save entry '{suffix}' matches no module of {type(self.model).__name__}")
+        for name in matches:
+            module = self.model.get_submodule(name)
+            if not isinstance(module, ModulesToSaveWrapper):
+                module = ModulesToSaveWrapper(module)
+                _set_submodule(self.model, name, module)
+            module.add_adapter(adapter_name)
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make ``adapter_name`` the only active adapter (and the only trainable one)."""
+        if adapter_name not in self.peft_config:
+            raise LorakitError(f"unknown adapter '{adapter_name}'; loaded: {', '.join(self.peft_config)}")
+        for _, layer in self.adapter_layers():
+            layer.active_adapters = [adapter_name] if adapter_name in layer.lora_A else []
+        for wrapper in self._wrappers():
+            wrapper.active_adapter = adapter_name if adapter_name in wrapper.modules_to_save else None
+        trainable = not getattr(self.peft_config[adapter_name], "inference_mode", False)
+        for name, param in self.model.named_parameters():
+            owners = [a for a in self.peft_config if peft_format.file_key(name, a) is not None]
+            if owners:
+                param.requires_grad_(trainable and adapter_name in owners)
+        self.active_adapter = adapter_name
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise LorakitError(f"unknown adapter '{adapter_name}'; loaded: {', '.join(self.peft_config)}")
+        for _, layer in self.adapter_layers():
+            layer.delete_adapter(adapter_name)
+        for wrapper in self._wrappers():
+            wrapper.delete_adapter(adapter_name)
+        del self.peft_config[adapter_name]
+        if self.active_adapter == adapter_name and self.peft_config:
+            self.set_adapter(next(iter(self.peft_config)))
+
+    @contextmanager
+    def disable_adapter(self):
+        """Context in which the model computes exactly the base model's outputs."""
+        modules = [m for _, m in self.adapter_layers()] + self._wrappers()
+        for module in modules:
+            module.disable_adapters = True
+        try:
+            yield
+        finally:
+            for module in modules:
+                module.disable_adapters = False
+
+    # --- merging ----------------------------------------------------------------------
+    def merge_adapter(self) -> None:
+        for _, layer in self.adapter_layers():
+            layer.merge()
+
+    def unmerge_adapter(self) -> None:
+        for _, layer in self.adapter_layers():
+            layer.unmerge()
+
+    def _unwrap(self, merge: bool) -> nn.Module:
+        for name, layer in self.adapter_layers():
+            if merge:
+                layer.merge()
+            _set_submodule(self.model, name, layer.base_layer)
+        for name, module in list(self.model.named_modules()):
+            if isinstance(module, ModulesToSaveWrapper):
+                _set_submodule(self.model, name, module.current_module() if merge else module.original_module)
+        for param in self.model.parameters():
+            param.requires_grad_(False)
+        return self.model
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: list[str] | None = None) -> nn.Module:
+        """Fold the active adapter into the base weights and return the plain transformers model."""
+        if adapter_names:
+            self.set_adapter(adapter_names[0])
+        return self._unwrap(merge=True)
+
+    def unload(self) -> nn.Module:
+        """Remove all adapters without merging; returns the original transformers model."""
+        self.unmerge_adapter()
+        return self._unwrap(merge=False)
+
+    # --- parameters -------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.model.parameters())
+        return trainable, total
+
+    def print_trainable_parameters(self) -> str:
+        trainable, total = self.get_nb_trainable_parameters()
+        line = f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
+        print(line)
+        return line
+
+    # --- files ------------------------------------------------------------------------
+    def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """The tensors of one adapter under peft's file names."""
+        name = adapter_name or self.active_adapter
+        config = self.peft_config[name]
+        return peft_format.adapter_tensors(self.model, name, config.bias, all_layer_types())
+
+    def save_pretrained(self, save_directory: str | Path, selected_adapters: list[str] | None = None,
+                        **_ignored) -> None:
+        """peft layout: the "default" adapter in ``save_directory``, others in subfolders."""
+        for name in selected_adapters or list(self.peft_config):
+            directory = Path(save_directory) if name == "default" else Path(save_directory) / name
+            config = self.peft_config[name]
+            config_dict = config.to_dict()
+            config_dict["inference_mode"] = True
+            peft_format.write_adapter_files(directory, config_dict, self.adapter_state_dict(name))
+
+    def load_adapter(self, directory: str | Path, adapter_name: str = "default",
+                     is_trainable: bool = False) -> None:
+        """Add the adapter saved in ``directory`` under ``adapter_name`` and activate it."""
+        data = peft_format.read_adapter_config_dict(directory)
+        method = method_for_peft_type(data["peft_type"])
+        config = method.config_class.from_dict(data, where=str(Path(directory) / peft_format.CONFIG_NAME))
+        config.inference_mode = not is_trainable
+        weights = peft_format.read_adapter_weights(directory)
+        self.add_adapter(adapter_name, _config_for_loading(config))
+        expected = peft_format.adapter_tensors(self.model, adapter_name, config.bias, all_layer_types())
+        try:
+            peft_format.copy_into_model(expected, weights, str(directory))
+        except LorakitError:
+            self.delete_adapter(adapter_name)
+            raise
+        if not is_trainable:
+            for param in expected.values():
+                param.requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, directory: str | Path, adapter_name: str = "default",
+                        is_trainable: bool = False) -> "LoraModel":
+        """peft's ``PeftModel.from_pretrained(base, dir)``."""
+        data = peft_format.read_adapter_config_dict(directory)
+        method = method_for_peft_type(data["peft_type"])
+        config = method.config_class.from_dict(data, where=str(Path(directory) / peft_format.CONFIG_NAME))
+        wrapper = cls.__new__(cls)
+        nn.Module.__init__(wrapper)
+        wrapper.model = model
+        wrapper.peft_config = {}
+        wrapper.active_adapter = adapter_name
+        for param in model.parameters():
+            param.requires_grad_(False)
+        wrapper.load_adapter(directory, adapter_name, is_trainable)
+        return wrapper
+
+
+def _config_for_loading(config):
+    """Loaded weights overwrite the init, so skip expensive or weight-changing inits
+    (e.g. PiSSA's SVD, which would also rewrite the base weight)."""
+    if getattr(config, "init_lora_weights", True) not in (True, False, "gaussian"):
+        return dataclasses.replace(config, init_lora_weights=True)
+    return config

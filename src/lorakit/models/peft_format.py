@@ -1,0 +1,147 @@
+"""Adapter files in peft's exact layout, so adapters move between lorakit, peft,
+transformers and vLLM with no converter.
+
+    <dir>/adapter_config.json        the method's config + peft_type (+ base_model_name_or_path)
+    <dir>/adapter_model.safetensors  base_model.model.<module path>.lora_A.weight, .lora_B.weight, ...
+
+In-memory names carry the adapter name (``q_proj.lora_A.default.weight``) and wrapper infixes
+(``base_layer``, ``modules_to_save.default``); file names drop them, as peft does. Loading is
+strict: every tensor in the file must land on a parameter of the same shape and every adapter
+parameter must be in the file; the first mismatch is named in the error. Weights are read
+from safetensors (a legacy ``adapter_model.bin`` only with ``weights_only=True``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from lorakit._io import atomic_path, write_json_atomic
+from lorakit.errors import LorakitError
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+FILE_PREFIX = "base_model.model."
+# peft stores these adapter tensors without the trailing ".weight".
+_BARE_TENSORS = {"lora_magnitude_vector"}
+
+
+def file_key(model_key: str, adapter_name: str) -> str | None:
+    """Map an in-memory parameter name of the wrapped model to peft's file name, or None
+    when the parameter does not belong to ``adapter_name``.
+
+    "model.layers.0.self_attn.q_proj.lora_A.default.weight" -> "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    "lm_head.modules_to_save.default.weight" -> "base_model.model.lm_head.weight"
+    """
+    parts = model_key.split(".")
+    out = []
+    i = 0
+    owned = False
+    while i < len(parts):
+        part = parts[i]
+        if part == "modules_to_save" and i + 1 < len(parts):
+            if parts[i + 1] != adapter_name:
+                return None
+            owned, i = True, i + 2
+            continue
+        if part.startswith("lora_") and i + 1 < len(parts) and not parts[i + 1].isdigit():
+            if parts[i + 1] != adapter_name:
+                return None
+            owned = True
+            out.append(part)
+            i += 2
+            if part in _BARE_TENSORS and i < len(parts) and parts[i] == "weight":
+                i += 1
+            continue
+        if part in ("base_layer", "original_module"):
+            i += 1
+            continue
+        out.append(part)
+        i += 1
+    return FILE_PREFIX + ".".join(out) if owned else None
+
+
+def write_adapter_files(directory: str | Path, config_dict: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Write adapter_config.json and adapter_model.safetensors atomically."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    with atomic_path(directory / WEIGHTS_NAME) as tmp:
+        save_file(contiguous, str(tmp), metadata={"format": "pt"})
+    write_json_atomic(directory / CONFIG_NAME, config_dict)
+
+
+def read_adapter_config_dict(directory: str | Path) -> dict:
+    path = Path(directory) / CONFIG_NAME
+    if not Path(directory).is_dir():
+        raise LorakitError(f"adapter directory '{directory}' does not exist")
+    if not path.is_file():
+        raise LorakitError(f"'{directory}' is not an adapter directory: {CONFIG_NAME} is missing")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise LorakitError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}") from None
+    if not isinstance(data, dict) or "peft_type" not in data:
+        raise LorakitError(f"{path}: not an adapter config (no 'peft_type' key)")
+    return data
+
+
+def read_adapter_weights(directory: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors from adapter_model.safetensors (or a legacy .bin, loaded with weights_only)."""
+    directory = Path(directory)
+    path = directory / WEIGHTS_NAME
+    if path.is_file():
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise LorakitError(f"{path}: not a valid safetensors file ({err})") from None
+    legacy = directory / LEGACY_WEIGHTS_NAME
+    if legacy.is_file():
+        try:
+            return torch.load(legacy, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises several types for bad pickles
+            raise LorakitError(f"{legacy}: cannot be read safely ({type(err).__name__}: {err})".splitlines()[0]) from None
+    raise LorakitError(f"'{directory}' has no {WEIGHTS_NAME}")
+
+
+def adapter_tensors(model: torch.nn.Module, adapter_name: str, bias: str = "none",
+                    adapter_layer_types: tuple = ()) -> dict[str, torch.nn.Parameter]:
+    """{file key: in-memory parameter} for one adapter of a wrapped transformers model.
+
+    bias="all" adds every bias; "lora_only" adds the biases of adapted layers."""
+    tensors = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        key = file_key(name, adapter_name)
+        if key is not None:
+            tensors[key] = param
+    if bias != "none":
+        adapted = {n for n, m in model.named_modules() if isinstance(m, adapter_layer_types)}
+        for name, param in model.named_parameters():
+            owner = name.rsplit(".", 1)[0].replace(".base_layer", "")
+            if name.endswith("bias") and (bias == "all" or owner in adapted) and "lora_" not in name:
+                tensors[FILE_PREFIX + name.replace(".base_layer", "")] = param
+    return tensors
+
+
+@torch.no_grad()
+def copy_into_model(expected: dict[str, torch.nn.Parameter], weights: dict[str, torch.Tensor],
+                    source: str) -> None:
+    """Copy file tensors onto parameters; any unexpected, missing or misshapen tensor is an error."""
+    for key, tensor in weights.items():
+        if key not in expected:
+            raise LorakitError(f"{source}: tensor '{key}' does not match any adapter parameter of this "
+                               f"model (adapter made for another architecture or target set?)")
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise LorakitError(f"{source}: tensor '{key}' has shape {tuple(tensor.shape)} but the model "
+                               f"expects {tuple(expected[key].shape)}")
+    missing = [k for k in expected if k not in weights]
+    if missing:
+        raise LorakitError(f"{source}: tensor '{missing[0]}' is missing ({len(missing)} missing in all)")
+    for key, tensor in weights.items():
+        param = expected[key]
+        param.data.copy_(tensor.to(device=param.device, dtype=param.dtype))
