@@ -91,6 +91,11 @@ def _convert_gguf(gguf_path: Path, entry: Path) -> None:
     except Exception as err:
         raise LorakitError(f"{gguf_path}: cannot be read as a GGUF model ({type(err).__name__}: "
                            f"{str(err).splitlines()[0] if str(err) else ''})") from None
+    # The weights are dequantized already; drop the GGUF quantizer marker, which would make
+    # transformers refuse to serialise the model and mark the saved config as quantized.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     with atomic_directory(entry) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
