@@ -29,7 +29,8 @@ class ModulesToSaveWrapper(nn.Module):
         self.active_adapter = name
 
     def delete_adapter(self, name: str) -> None:
-        self.modules_to_save.pop(name, None)
+        if name in self.modules_to_save:
+            del self.modules_to_save[name]
         if self.active_adapter == name:
             self.active_adapter = next(iter(self.modules_to_save), None)
 

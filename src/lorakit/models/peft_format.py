@@ -113,7 +113,8 @@ def adapter_tensors(model: torch.nn.Module, adapter_name: str, bias: str = "none
                     adapter_layer_types: tuple = ()) -> dict[str, torch.nn.Parameter]:
     """{file key: in-memory parameter} for one adapter of a wrapped transformers model.
 
-    bias="all" adds every bias; "lora_only" adds the biases of adapted layers."""
+    bias="all" adds every bias; "lora_only" adds the biases of adapted layers (peft names
+    these with the wrapper infix: ``<path>.c_attn.base_layer.bias``)."""
     tensors = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         key = file_key(name, adapter_name)
@@ -124,7 +125,7 @@ def adapter_tensors(model: torch.nn.Module, adapter_name: str, bias: str = "none
         for name, param in model.named_parameters():
             owner = name.rsplit(".", 1)[0].replace(".base_layer", "")
             if name.endswith("bias") and (bias == "all" or owner in adapted) and "lora_" not in name:
-                tensors[FILE_PREFIX + name.replace(".base_layer", "")] = param
+                tensors[FILE_PREFIX + name] = param  # peft keeps ".base_layer." in bias names
     return tensors
 
 
