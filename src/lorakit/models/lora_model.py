@@ -41,6 +41,7 @@ class LoraModel(nn.Module):
         self.model = model
         self.peft_config: dict[str, object] = {}
         self.active_adapter = adapter_name
+        self._training_hooks: dict[str, object] = {}
         for param in model.parameters():
             param.requires_grad_(False)
         self.add_adapter(adapter_name, config)
@@ -55,7 +56,19 @@ class LoraModel(nn.Module):
             return getattr(self.model, name)
 
     def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
+        outputs = self.model(*args, **kwargs)
+        hooks = self._training_hooks.get(self.active_adapter)
+        loss = getattr(outputs, "loss", None)
+        if hooks is not None and isinstance(loss, torch.Tensor):
+            outputs.loss = loss + hooks.extra_loss()  # a method's regulariser (AdaLoRA: orthogonality)
+        return outputs
+
+    def update_and_allocate(self, global_step: int) -> None:
+        """Per-step training hook with peft's name: AdaLoRA reallocates rank here; a no-op for
+        methods without one. Call after optimizer.step() and before zero_grad()."""
+        hooks = self._training_hooks.get(self.active_adapter)
+        if hooks is not None:
+            hooks.update_and_allocate(global_step)
 
     def generate(self, *args, **kwargs):
         return self.model.generate(*args, **kwargs)
@@ -90,6 +103,10 @@ class LoraModel(nn.Module):
         for name in config.modules_to_save or []:
             self._add_module_to_save(name, adapter_name)
         self.peft_config[adapter_name] = config
+        # Optional method hooks on the config: training_hooks(layers, name) -> object with
+        # extra_loss() and update_and_allocate(step), for a trainable adapter (AdaLoRA).
+        if hasattr(config, "training_hooks") and not config.inference_mode:
+            self._training_hooks[adapter_name] = config.training_hooks(self.adapter_layers(), adapter_name)
         if config.bias != "none":
             for param in peft_format.adapter_tensors(self.model, adapter_name, config.bias, all_layer_types()).values():
                 param.requires_grad_(True)
@@ -131,6 +148,7 @@ class LoraModel(nn.Module):
         for wrapper in self._wrappers():
             wrapper.delete_adapter(adapter_name)
         del self.peft_config[adapter_name]
+        self._training_hooks.pop(adapter_name, None)
         if self.active_adapter == adapter_name and self.peft_config:
             self.set_adapter(next(iter(self.peft_config)))
 
@@ -196,7 +214,9 @@ class LoraModel(nn.Module):
         """The tensors of one adapter under peft's file names."""
         name = adapter_name or self.active_adapter
         config = self.peft_config[name]
-        return peft_format.adapter_tensors(self.model, name, config.bias, all_layer_types())
+        tensors = peft_format.adapter_tensors(self.model, name, config.bias, all_layer_types())
+        # Optional method hook: the tensors as peft writes them (AdaLoRA drops pruned triplets).
+        return config.tensors_for_file(tensors) if hasattr(config, "tensors_for_file") else tensors
 
     def save_pretrained(self, save_directory: str | Path, selected_adapters: list[str] | None = None,
                         **_ignored) -> None:
@@ -239,9 +259,14 @@ class LoraModel(nn.Module):
         wrapper.model = model
         wrapper.peft_config = {}
         wrapper.active_adapter = adapter_name
+        wrapper._training_hooks = {}
         for param in model.parameters():
             param.requires_grad_(False)
-        wrapper.load_adapter(directory, adapter_name, is_trainable)
+        try:
+            wrapper.load_adapter(directory, adapter_name, is_trainable)
+        except LorakitError:
+            wrapper._unwrap(merge=False)  # give the caller back its model unchanged
+            raise
         return wrapper
 
 
