@@ -41,6 +41,10 @@ def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
 class LoraLayer(nn.Module):
     """Wraps ``base_layer`` and adds named LoRA adapters; see module docstring for the math."""
 
+    # Per-row adapters for one batch: a callable (x, base_result) -> result that lorakit.inference.mixed
+    # sets on each layer inside ``mixed_adapters(...)``; None outside it.
+    mixed_batch = None
+
     def __init__(self, base_layer: nn.Module):
         super().__init__()
         self.base_layer = base_layer
@@ -118,6 +122,8 @@ class LoraLayer(nn.Module):
             if self.merged_adapters:
                 raise LorakitError("adapters are merged into the base weights; call unmerge() before disabling them")
             return result
+        if self.mixed_batch is not None:
+            return self.mixed_batch(x, result)
         for name in self.active_adapters:
             if name in self.merged_adapters or name not in self.lora_A:
                 continue

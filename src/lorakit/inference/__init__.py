@@ -1,0 +1,8 @@
+"""Inference with adapters: many adapters over one base, per-row mixed-adapter batches,
+blending adapters, and batched generation with a KV cache (used by the server)."""
+
+from lorakit.inference.blend import blend_adapters
+from lorakit.inference.mixed import AdapterStacks, check_mixable, mixed_adapters
+from lorakit.inference.multi_adapter import MultiAdapterModel
+
+__all__ = ["AdapterStacks", "MultiAdapterModel", "blend_adapters", "check_mixable", "mixed_adapters"]
