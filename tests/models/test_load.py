@@ -55,3 +55,12 @@ def test_corrupt_cache_entry_is_detected_and_rebuilt(tmp_path, monkeypatch, buil
     assert weights.stat().st_size == (builtin_model_dir / "model.safetensors").stat().st_size
     (entry / "lorakit_cache.json").unlink()  # a conversion that died before finishing
     assert not load_module._cache_entry_valid(entry)
+
+
+@pytest.mark.slow
+def test_gguf_file_path_loads_through_the_cache():
+    gguf = builtin_gguf_path("smollm2-135m-instruct")
+    model, tokenizer = load_model(str(gguf))
+    assert model.name_or_path == str(gguf)  # recorded as base_model_name_or_path in adapters
+    assert tokenizer.chat_template and model.config.model_type == "llama"
+    assert getattr(model.config, "quantization_config", None) is None  # dequantized, a plain model
