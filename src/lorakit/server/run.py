@@ -1,0 +1,71 @@
+"""Start the server: load the base model and adapters, then run uvicorn."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+
+from lorakit.errors import LorakitError
+from lorakit.server.protocol import Limits
+
+
+def parse_adapter_specs(specs: list[str]) -> dict[str, str]:
+    """["name=DIR", ...] -> {name: DIR}; a bare DIR is named after its last path segment."""
+    adapters = {}
+    for spec in specs or []:
+        name, sep, directory = spec.partition("=")
+        if not sep:
+            name, directory = Path(spec).name, spec
+        if not name or not directory:
+            raise LorakitError(f"--adapter '{spec}' must be NAME=DIR")
+        if name in adapters:
+            raise LorakitError(f"--adapter name '{name}' is given twice")
+        adapters[name] = directory
+    return adapters
+
+
+def build_app(model: str, adapters: dict[str, str] | None = None, api_key: str | None = None,
+              adapter_root: str | Path | None = None, limits: Limits | None = None, dtype: str = "float32",
+              device: str = "cpu", max_batch: int = 32, batch_window_ms: float = 10.0,
+              served_model_name: str | None = None):
+    """(ASGI app, engine) for ``model`` with ``adapters`` loaded; see lorakit.server.app."""
+    from lorakit.inference.multi_adapter import MultiAdapterModel
+    from lorakit.server.app import ServerSettings, create_app
+    from lorakit.server.engine import BatchingEngine
+
+    if adapter_root is not None and not Path(adapter_root).is_dir():
+        raise LorakitError(f"--adapter-root '{adapter_root}' is not a directory")
+    multi = MultiAdapterModel.from_pretrained(model, adapters or {}, dtype=dtype, device=device)
+    base_name = served_model_name or model
+    if base_name in multi.adapter_names:
+        raise LorakitError(f"adapter name '{base_name}' is also the base model's name; rename the adapter")
+    engine = BatchingEngine(multi, multi.tokenizer, max_batch=max_batch, batch_window_s=batch_window_ms / 1000)
+    settings = ServerSettings(base_name, api_key, Path(adapter_root) if adapter_root else None, limits or Limits())
+    return create_app(engine, settings), engine
+
+
+def serve(model: str, adapters: dict[str, str] | None = None, host: str = "127.0.0.1", port: int = 8000,
+          api_key: str | None = None, **kwargs) -> None:
+    """Build the app and serve it until interrupted. The key may come from $LORAKIT_API_KEY."""
+    import uvicorn
+
+    api_key = api_key or os.environ.get("LORAKIT_API_KEY") or None
+    app, engine = build_app(model, adapters, api_key=api_key, **kwargs)
+    if api_key is None and not _is_loopback(host):
+        print(f"lorakit: warning: serving on {host} without an API key; anyone who can reach it can use it")
+    names = ", ".join([kwargs.get("served_model_name") or model] + engine.multi.adapter_names)
+    print(f"lorakit: serving {names} on http://{host}:{port}/v1")
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        engine.close()
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
