@@ -15,11 +15,14 @@ from tiny_models import sample_input_ids, tiny_model
 
 from lorakit import LoraConfig, get_peft_model, load_adapter
 from lorakit.adapters import ADAPTER_METHODS
+from lorakit.adapters.adalora import AdaLoraConfig
 
 # method name -> (config at its default init, config with non-zero update)
 METHOD_CASES = {
     "lora": (lambda targets: LoraConfig(r=4, target_modules=targets),
              lambda targets: LoraConfig(r=4, target_modules=targets, init_lora_weights=False)),
+    "adalora": (lambda targets: AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=targets),
+                lambda targets: AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=targets)),
 }
 ARCH_TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_proj"]}
 CASES = [(method, arch) for method in METHOD_CASES for arch in ARCH_TARGETS]

@@ -59,8 +59,10 @@ class LoraModel(nn.Module):
         outputs = self.model(*args, **kwargs)
         hooks = self._training_hooks.get(self.active_adapter)
         loss = getattr(outputs, "loss", None)
-        if hooks is not None and isinstance(loss, torch.Tensor):
-            outputs.loss = loss + hooks.extra_loss()  # a method's regulariser (AdaLoRA: orthogonality)
+        if hooks is not None and self.training and isinstance(loss, torch.Tensor):
+            # a method's training regulariser (AdaLoRA: orthogonality); eval losses stay pure
+            # language-model losses (peft adds it in eval mode too)
+            outputs.loss = loss + hooks.extra_loss()
         return outputs
 
     def update_and_allocate(self, global_step: int) -> None:
@@ -211,12 +213,10 @@ class LoraModel(nn.Module):
 
     # --- files ------------------------------------------------------------------------
     def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
-        """The tensors of one adapter under peft's file names."""
+        """The live parameters of one adapter under peft's file names."""
         name = adapter_name or self.active_adapter
         config = self.peft_config[name]
-        tensors = peft_format.adapter_tensors(self.model, name, config.bias, all_layer_types())
-        # Optional method hook: the tensors as peft writes them (AdaLoRA drops pruned triplets).
-        return config.tensors_for_file(tensors) if hasattr(config, "tensors_for_file") else tensors
+        return peft_format.adapter_tensors(self.model, name, config.bias, all_layer_types())
 
     def save_pretrained(self, save_directory: str | Path, selected_adapters: list[str] | None = None,
                         **_ignored) -> None:
@@ -226,7 +226,10 @@ class LoraModel(nn.Module):
             config = self.peft_config[name]
             config_dict = config.to_dict()
             config_dict["inference_mode"] = True
-            peft_format.write_adapter_files(directory, config_dict, self.adapter_state_dict(name))
+            tensors = self.adapter_state_dict(name)
+            if hasattr(config, "tensors_for_file"):  # method hook: AdaLoRA drops pruned triplets, as peft saves
+                tensors = config.tensors_for_file(tensors)
+            peft_format.write_adapter_files(directory, config_dict, tensors)
 
     def load_adapter(self, directory: str | Path, adapter_name: str = "default",
                      is_trainable: bool = False) -> None:
