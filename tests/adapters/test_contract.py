@@ -21,6 +21,9 @@ from lorakit.adapters.adalora import AdaLoraConfig
 METHOD_CASES = {
     "lora": (lambda targets: LoraConfig(r=4, target_modules=targets),
              lambda targets: LoraConfig(r=4, target_modules=targets, init_lora_weights=False)),
+    # qlora attaches LoRA (LoraConfig) over an NF4 base; the quantized base's checks are in test_qlora.py
+    "qlora": (lambda targets: LoraConfig(r=4, target_modules=targets),
+              lambda targets: LoraConfig(r=4, target_modules=targets, init_lora_weights=False)),
     "adalora": (lambda targets: AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=targets),
                 lambda targets: AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=targets)),
 }

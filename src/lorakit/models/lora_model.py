@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lorakit.adapters import method_for_config, method_for_peft_type
+from lorakit.adapters import pissa
 from lorakit.adapters.registry import all_layer_types
 from lorakit.errors import LorakitError
 from lorakit.models import peft_format
@@ -219,8 +220,10 @@ class LoraModel(nn.Module):
         return peft_format.adapter_tensors(self.model, name, config.bias, all_layer_types())
 
     def save_pretrained(self, save_directory: str | Path, selected_adapters: list[str] | None = None,
-                        **_ignored) -> None:
-        """peft layout: the "default" adapter in ``save_directory``, others in subfolders."""
+                        convert_pissa_to_lora: bool = True, **_ignored) -> None:
+        """peft layout: the "default" adapter in ``save_directory``, others in subfolders.
+        A PiSSA adapter is saved as the equivalent plain LoRA adapter (rank 2r) for the original
+        base unless ``convert_pissa_to_lora=False`` (see lorakit.adapters.pissa)."""
         for name in selected_adapters or list(self.peft_config):
             directory = Path(save_directory) if name == "default" else Path(save_directory) / name
             config = self.peft_config[name]
@@ -229,6 +232,9 @@ class LoraModel(nn.Module):
             tensors = self.adapter_state_dict(name)
             if hasattr(config, "tensors_for_file"):  # method hook: AdaLoRA drops pruned triplets, as peft saves
                 tensors = config.tensors_for_file(tensors)
+            if convert_pissa_to_lora and pissa.is_pissa(config_dict.get("init_lora_weights")):
+                config_dict = pissa.converted_config_dict(config_dict)
+                tensors = pissa.converted_tensors(self.model, name, tensors)
             peft_format.write_adapter_files(directory, config_dict, tensors)
 
     def load_adapter(self, directory: str | Path, adapter_name: str = "default",

@@ -28,6 +28,7 @@ def attach_lora(module: nn.Module, adapter_name: str, config: LoraConfig, module
         lora_dropout=config.lora_dropout,
         use_rslora=config.use_rslora,
         init_lora_weights=config.init_lora_weights,
+        use_dora=config.use_dora,
     )
     return layer
 

@@ -15,7 +15,7 @@ from lorakit._dataclass_config import field_names, strict_config
 from lorakit.errors import LorakitError, unknown_key_error
 
 BIAS_CHOICES = ("none", "all", "lora_only")
-INIT_CHOICES = (True, False, "gaussian")
+INIT_CHOICES = (True, False, "gaussian", "pissa")  # and "pissa_niter_<N>"
 
 # Keys peft writes into adapter_config.json that lorakit accepts as metadata.
 _PEFT_METADATA_KEYS = {"peft_type", "auto_mapping", "peft_version", "megatron_core", "qalora_group_size"}
@@ -26,6 +26,10 @@ _PEFT_FEATURES_OFF_ONLY = {
     "monteclora_config", "target_parameters", "trainable_token_indices", "use_bdlora",
     "use_qalora", "velora_config", "ensure_weight_tying",
 }
+
+
+def _is_pissa_niter(value) -> bool:
+    return isinstance(value, str) and value.startswith("pissa_niter_") and value[len("pissa_niter_"):].isdigit()
 
 
 @strict_config
@@ -69,8 +73,8 @@ class LoraConfig:
             raise LorakitError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.bias not in BIAS_CHOICES:
             raise LorakitError(f"LoraConfig.bias must be one of {', '.join(BIAS_CHOICES)}; got {self.bias!r}")
-        if self.init_lora_weights not in INIT_CHOICES:
-            choices = ", ".join(repr(c) for c in INIT_CHOICES)
+        if self.init_lora_weights not in INIT_CHOICES and not _is_pissa_niter(self.init_lora_weights):
+            choices = ", ".join(repr(c) for c in INIT_CHOICES) + ", 'pissa_niter_<N>'"
             raise LorakitError(f"LoraConfig.init_lora_weights must be one of {choices}; got {self.init_lora_weights!r}")
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)

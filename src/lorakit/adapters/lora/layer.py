@@ -20,7 +20,10 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from lorakit.adapters.dora.layer import dora_forward, dora_merge_delta, dora_unmerge_delta, init_dora
 from lorakit.adapters.lora.functional import delta_weight, lora_scaling, merge_into, unmerge_from
+from lorakit.adapters.pissa import is_pissa, pissa_factors, pissa_niter
+from lorakit.adapters.qlora.base import dense_dtype, dense_linear, dense_weight, is_quantized
 from lorakit.errors import LorakitError
 
 SUPPORTED_BASE_TYPES = (nn.Linear, Conv1D)
@@ -53,6 +56,8 @@ class LoraLayer(nn.Module):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters' m (adapters/dora)
+        self.pissa_initial: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # PiSSA (A0, B0), for saving
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
@@ -66,9 +71,10 @@ class LoraLayer(nn.Module):
         return self.base_layer.weight
 
     def add_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
-                    use_rslora: bool = False, init_lora_weights: bool | str = True) -> None:
+                    use_rslora: bool = False, init_lora_weights: bool | str = True, use_dora: bool = False) -> None:
         """Create adapter ``name`` (A: (r, in), B: (out, r)); with the default init B = 0,
-        so the layer's output is unchanged until training moves B."""
+        so the layer's output is unchanged until training moves B. ``use_dora`` adds DoRA's
+        magnitude m = ||W + s·BA||_c (adapters/dora)."""
         weight = self.base_layer.weight
         factory = {"device": weight.device, "dtype": adapter_dtype(weight)}
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **factory)
@@ -78,14 +84,20 @@ class LoraLayer(nn.Module):
         self.lora_alpha[name] = lora_alpha
         self.scaling[name] = lora_scaling(r, lora_alpha, use_rslora)
         self.reset_adapter(name, init_lora_weights)
+        if use_dora:
+            init_dora(self, name)
         if name not in self.active_adapters:
             self.active_adapters.append(name)
 
     @torch.no_grad()
     def reset_adapter(self, name: str, init_lora_weights: bool | str) -> None:
         """True: A Kaiming-uniform, B = 0 (peft's default). "gaussian": A ~ N(0, 1/r), B = 0.
-        False: both random (a non-identity adapter, useful for tests)."""
+        False: both random (a non-identity adapter, useful for tests). "pissa" / "pissa_niter_N":
+        top-r singular directions of W, and W becomes the residual (adapters/pissa)."""
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        if is_pissa(init_lora_weights):
+            self._pissa_init(name, pissa_niter(init_lora_weights))
+            return
         if init_lora_weights is False:
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))
             nn.init.kaiming_uniform_(B, a=math.sqrt(5))
@@ -96,11 +108,24 @@ class LoraLayer(nn.Module):
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         nn.init.zeros_(B)
 
+    @torch.no_grad()
+    def _pissa_init(self, name: str, niter: int | None) -> None:
+        if is_quantized(self.base_layer) or not self.base_layer.weight.is_floating_point():
+            raise LorakitError("PiSSA needs a floating-point base weight; initialise it before quantizing the base")
+        A0, B0, residual = pissa_factors(dense_weight(self.base_layer), self.r[name], self.scaling[name], niter)
+        self.lora_A[name].weight.copy_(A0)
+        self.lora_B[name].weight.copy_(B0)
+        weight = self.base_layer.weight
+        weight.data.copy_((residual.T if self.fan_in_fan_out else residual).to(weight.dtype))
+        self.pissa_initial[name] = (self.lora_A[name].weight.detach().clone(), self.lora_B[name].weight.detach().clone())
+
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
             raise LorakitError(f"adapter '{name}' is merged into the base weights; unmerge it before deleting")
-        for table in (self.lora_A, self.lora_B, self.lora_dropout):
-            table.pop(name, None)
+        self.pissa_initial.pop(name, None)
+        for table in (self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector):
+            if name in table:
+                del table[name]
         for table in (self.r, self.lora_alpha, self.scaling):
             table.pop(name, None)
         self.active_adapters = [a for a in self.active_adapters if a != name]
@@ -127,24 +152,36 @@ class LoraLayer(nn.Module):
         for name in self.active_adapters:
             if name in self.merged_adapters or name not in self.lora_A:
                 continue
+            if name in self.lora_magnitude_vector:
+                result = dora_forward(self, name, x, result)
+                continue
             result = result + self.adapter_output(name, x).to(result.dtype)
         return result
 
     @torch.no_grad()
     def merge(self, adapter_names: list[str] | None = None) -> None:
-        """Fold the active (or named) adapters into the base weight: W <- W + s·BA."""
-        for name in adapter_names or list(self.active_adapters):
-            if name in self.merged_adapters or name not in self.lora_A:
-                continue
-            merge_into(self.base_layer.weight, self.get_delta_weight(name))
+        """Fold the active (or named) adapters into the base weight: W <- W + s·BA (DoRA:
+        W <- g ⊙ (W + s·BA)). A quantized base is first replaced by a dense fp32 copy and
+        rounded once to its original dtype after merging (never re-quantized)."""
+        names = [n for n in adapter_names or list(self.active_adapters)
+                 if n not in self.merged_adapters and n in self.lora_A]
+        target_dtype = None
+        if names and is_quantized(self.base_layer):
+            target_dtype, self.base_layer = dense_dtype(self.base_layer), dense_linear(self.base_layer)
+        for name in names:
+            dora = name in self.lora_magnitude_vector
+            merge_into(self.base_layer.weight, dora_merge_delta(self, name) if dora else self.get_delta_weight(name))
             self.merged_adapters.append(name)
+        if target_dtype is not None:
+            self.base_layer.to(target_dtype)
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Undo ``merge()`` in reverse order: W <- W - s·BA."""
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            unmerge_from(self.base_layer.weight, self.get_delta_weight(name))
+            dora = name in self.lora_magnitude_vector
+            unmerge_from(self.base_layer.weight, dora_unmerge_delta(self, name) if dora else self.get_delta_weight(name))
 
     def extra_repr(self) -> str:
         ranks = ", ".join(f"{n}: r={r}" for n, r in self.r.items())

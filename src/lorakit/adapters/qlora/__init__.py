@@ -1,0 +1,32 @@
+"""QLoRA (Dettmers et al. 2023): LoRA over a frozen 4-bit NF4 base with double quantization.
+
+Quantization belongs to the *base* layer (``base.py``): ``quantize_base(model, "nf4")`` turns the
+model's linear layers into bitsandbytes layers, and the ordinary LoraLayer wraps them. The
+``qlora`` method in the registry is LoRA with that step folded into attaching: a target layer
+that is not quantized yet is quantized as it is wrapped (call ``quantize_base`` on the whole
+model first to quantize the non-target layers too). The saved adapter is a plain LoRA
+adapter (peft_type LORA).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from lorakit.adapters.qlora.base import (QUANT_CHOICES, BaseWeightMemory, base_weight_memory, dense_linear,
+                                         dense_weight, dequantize_base, dequantize_weight, is_quantized,
+                                         quantize_base, quantize_linear)
+
+
+def attach_qlora(module: nn.Module, adapter_name: str, config, module_name: str) -> nn.Module:
+    """attach_lora over an NF4 base: quantizes ``module`` (bf16 compute, double quant) unless it
+    is already a quantized layer or a LoraLayer."""
+    from lorakit.adapters.lora import LoraLayer, attach_lora
+
+    if not isinstance(module, LoraLayer) and not is_quantized(module):
+        module = quantize_linear(module, "nf4")
+    return attach_lora(module, adapter_name, config, module_name)
+
+
+__all__ = ["QUANT_CHOICES", "BaseWeightMemory", "attach_qlora", "base_weight_memory", "dense_linear",
+           "dense_weight", "dequantize_base", "dequantize_weight", "is_quantized", "quantize_base",
+           "quantize_linear"]

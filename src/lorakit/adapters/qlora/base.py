@@ -1,0 +1,253 @@
+"""Quantized *base* layers for QLoRA (Dettmers et al. 2023), through bitsandbytes.
+
+QLoRA is the LoRA layer over a frozen 4-bit base: every ``nn.Linear`` / GPT-2 ``Conv1D``
+weight W (out, in) becomes a bitsandbytes ``Linear4bit`` holding NF4 codes (two per byte)
+with one absmax per block of 64 weights; with double quantization those absmax values are
+themselves 8-bit quantized (blocks of 256, one fp32 scale each), so storage is about
+
+    bits / weight = 4 + 8/64 + 32/(64·256) ≈ 4.127   (vs 16 for bf16: ratio ≈ 0.258)
+
+The base computes in ``compute_dtype`` (bf16) while the adapters stay fp32 (LoraLayer casts
+the input to the adapter dtype). An 8-bit base (``Linear8bitLt``, LLM.int8 with per-row
+absmax scales) is available too. The output head stays dense (it is usually tied to the
+embedding, as in transformers' own 4-bit loading).
+
+bitsandbytes is imported lazily: only functions that create or read quantized layers need it.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lorakit.errors import LorakitError
+
+QUANT_CHOICES = ("nf4", "fp4", "int8")
+
+
+def _bnb():
+    try:
+        import bitsandbytes
+    except ImportError:  # pragma: no cover - bitsandbytes is a dependency here
+        raise LorakitError("quantized bases need bitsandbytes; install it with: pip install bitsandbytes") from None
+    return bitsandbytes
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """True for a bitsandbytes 4-bit or 8-bit linear layer (no import when bnb is unused)."""
+    if "bitsandbytes" not in sys.modules:
+        return False
+    bnb_nn = sys.modules["bitsandbytes"].nn
+    return isinstance(module, (bnb_nn.Linear4bit, bnb_nn.Linear8bitLt))
+
+
+def dequantize_weight(module: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The dense weight (out, in) of a quantized linear layer (a fresh tensor, no grad)."""
+    bnb = _bnb()
+    weight = module.weight
+    with torch.no_grad():
+        if isinstance(module, bnb.nn.Linear4bit):
+            dense = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+        elif isinstance(module, bnb.nn.Linear8bitLt):
+            scb = weight.SCB if weight.SCB is not None else module.state.SCB
+            dense = bnb.functional.int8_vectorwise_dequant(weight.data, scb)
+        else:
+            raise LorakitError(f"{type(module).__name__} is not a quantized layer")
+    return dense if dtype is None else dense.to(dtype)
+
+
+def dense_weight(base_layer: nn.Module) -> torch.Tensor:
+    """W as (out, in) for any supported base: a view for Linear / Conv1D, dequantized for bnb."""
+    if is_quantized(base_layer):
+        return dequantize_weight(base_layer)
+    weight = base_layer.weight
+    return weight.T if type(base_layer).__name__ == "Conv1D" else weight
+
+
+def _linear_weight_and_bias(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(W (out, in), bias) of a Linear or GPT-2 Conv1D (whose weight is stored (in, out))."""
+    weight = module.weight.detach()
+    if type(module).__name__ == "Conv1D":
+        weight = weight.T
+    bias = module.bias.detach() if module.bias is not None else None
+    return weight.contiguous(), bias
+
+
+def quantize_linear(module: nn.Module, quantization: str = "nf4", compute_dtype=torch.bfloat16,
+                    double_quant: bool = True) -> nn.Module:
+    """A bitsandbytes copy of a Linear / Conv1D: NF4 (or FP4) 4-bit, or int8 (LLM.int8)."""
+    bnb = _bnb()
+    weight, bias = _linear_weight_and_bias(module)
+    out_features, in_features = weight.shape
+    device = weight.device
+    if quantization in ("nf4", "fp4"):
+        layer = bnb.nn.Linear4bit(in_features, out_features, bias=bias is not None, compute_dtype=compute_dtype,
+                                  compress_statistics=double_quant, quant_type=quantization, device="meta")
+        layer.weight = bnb.nn.Params4bit(weight.clone(), requires_grad=False, compress_statistics=double_quant,
+                                         quant_type=quantization)
+    elif quantization == "int8":
+        layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=bias is not None, has_fp16_weights=False,
+                                    threshold=6.0, device="meta")
+        layer.weight = bnb.nn.Int8Params(weight.clone(), requires_grad=False, has_fp16_weights=False)
+    else:
+        raise LorakitError(f"unknown quantization '{quantization}'; valid choices: {', '.join(QUANT_CHOICES)}")
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.clone(), requires_grad=False)
+    try:
+        layer = layer.to(device)  # bitsandbytes quantizes when the weight is moved to a device
+    except (RuntimeError, NotImplementedError) as err:
+        raise LorakitError(f"bitsandbytes cannot run {quantization} on {device} here "
+                           f"({str(err).splitlines()[0]}); use another quantization or device") from None
+    return layer
+
+
+def dense_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype a quantized layer's weight had before quantization (4-bit records it in its
+    quant state); bf16 for int8 layers, which do not record it."""
+    state = getattr(module.weight, "quant_state", None)
+    return state.dtype if state is not None else torch.bfloat16
+
+
+def dense_linear(module: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Linear:
+    """A regular nn.Linear with ``module``'s dequantized weight in ``dtype`` (never re-quantized)."""
+    weight = dequantize_weight(module, dtype)
+    out_features, in_features = weight.shape
+    layer = nn.Linear(in_features, out_features, bias=module.bias is not None, device=weight.device, dtype=dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if module.bias is not None:
+            layer.bias.copy_(module.bias)
+    layer.requires_grad_(False)
+    return layer
+
+
+def _output_head_ids(model: nn.Module) -> set[int]:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {id(head)} if head is not None else set()
+
+
+def quantize_base(model: nn.Module, quantization: str = "nf4", compute_dtype="bfloat16",
+                  double_quant: bool = True, skip_modules: tuple[str, ...] = ("lm_head",)) -> nn.Module:
+    """Replace every Linear / Conv1D of ``model`` (except the output head and ``skip_modules``)
+    by a frozen bitsandbytes layer, in place; also the base layers inside LoraLayers.
+    Returns ``model``. Adapters keep their fp32 weights."""
+    from lorakit.models.load import resolve_dtype
+
+    if quantization not in QUANT_CHOICES:
+        raise LorakitError(f"unknown quantization '{quantization}'; valid choices: {', '.join(QUANT_CHOICES)}")
+    compute_dtype = resolve_dtype(compute_dtype)
+    heads = _output_head_ids(model)
+    targets = []
+    for name, module in model.named_modules():
+        if type(module) is not nn.Linear and type(module).__name__ != "Conv1D":
+            continue
+        if id(module) in heads or any(name == s or name.endswith("." + s) for s in skip_modules):
+            continue
+        if ".lora_" in f".{name}":  # adapter weights are never quantized
+            continue
+        targets.append(name)
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, quantize_linear(getattr(parent, child), quantization, compute_dtype, double_quant))
+    for _, module in model.named_modules():  # a LoraLayer over a Conv1D now wraps a Linear
+        if hasattr(module, "fan_in_fan_out") and hasattr(module, "base_layer") and is_quantized(module.base_layer):
+            module.fan_in_fan_out = False
+    return model
+
+
+def dequantize_base(model: nn.Module, dtype=None) -> nn.Module:
+    """Replace every quantized layer of ``model`` (also inside LoraLayers) by a dense nn.Linear
+    in ``dtype`` (default: the dtype before quantization), in place. Call it before merging to
+    choose the merged model's dtype; merging a quantized layer does this by itself."""
+    from lorakit.models.load import resolve_dtype
+
+    for name, module in list(model.named_modules()):
+        if not is_quantized(module):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        target = resolve_dtype(dtype) if dtype is not None else dense_dtype(module)
+        setattr(parent, child, dense_linear(module, torch.float32).to(target))
+    return model
+
+
+@dataclass
+class BaseWeightMemory:
+    """Bytes of the frozen base: quantized layers (codes + quantization state) and dense tensors.
+
+    ``*_bf16_bytes`` say what the same tensors take in bf16, for the ratio QLoRA buys."""
+
+    quantized_bytes: int
+    quantized_bf16_bytes: int
+    dense_bytes: int
+    dense_bf16_bytes: int
+    quantized_layers: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.quantized_bytes + self.dense_bytes
+
+    @property
+    def ratio_to_bf16(self) -> float:
+        return self.total_bytes / max(1, self.quantized_bf16_bytes + self.dense_bf16_bytes)
+
+    @property
+    def quantized_ratio_to_bf16(self) -> float:
+        return self.quantized_bytes / max(1, self.quantized_bf16_bytes)
+
+    def summary(self) -> str:
+        mib = 1024 ** 2
+        line = f"base weights {self.total_bytes / mib:.1f} MiB ({self.ratio_to_bf16:.3f}x of bf16)"
+        if self.quantized_layers:
+            line += (f"; {self.quantized_layers} quantized layers {self.quantized_bytes / mib:.1f} MiB "
+                     f"({self.quantized_ratio_to_bf16:.3f}x of bf16), dense rest {self.dense_bytes / mib:.1f} MiB")
+        return line
+
+
+def _quant_state_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """Every tensor of a bnb layer's quantization state (absmax, code, nested state; int8: SCB,
+    which moves from the weight to ``module.state`` after the first forward)."""
+    weight = module.weight
+    tensors = []
+    state = getattr(weight, "quant_state", None)
+    while state is not None:
+        tensors += [t for t in (state.absmax, state.code, getattr(state, "offset", None)) if torch.is_tensor(t)]
+        state = getattr(state, "state2", None)
+    for scb in (getattr(weight, "SCB", None), getattr(getattr(module, "state", None), "SCB", None)):
+        if torch.is_tensor(scb):
+            tensors.append(scb)
+    return tensors
+
+
+def base_weight_memory(model: nn.Module) -> BaseWeightMemory:
+    """Memory of the base model's weights (adapter tensors excluded; tied tensors counted once)."""
+    seen: set[int] = set()
+
+    def once(t: torch.Tensor) -> int:
+        key = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
+        if key in seen:
+            return 0
+        seen.add(key)
+        return t.numel() * t.element_size()
+
+    quantized = quantized_bf16 = dense = dense_bf16 = layers = 0
+    for module in model.modules():
+        if is_quantized(module):
+            layers += 1
+            quantized += once(module.weight) + sum(once(t) for t in _quant_state_tensors(module))
+            quantized_bf16 += module.in_features * module.out_features * 2
+    for name, tensor in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers()):
+        if ".lora_" in f".{name}" or ".modules_to_save." in name:
+            continue
+        owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        if is_quantized(owner) and name.endswith(".weight"):
+            continue
+        size = once(tensor)
+        if size:
+            dense += size
+            dense_bf16 += tensor.numel() * 2
+    return BaseWeightMemory(quantized, quantized_bf16, dense, dense_bf16, layers)
