@@ -28,6 +28,7 @@ class GenerationRequest:
     top_p: float = 1.0
     stop: Sequence[str] = ()
     seed: int | None = None
+    ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
     on_text: Callable[[str], None] | None = None  # called with each new piece of text
     is_cancelled: Callable[[], bool] | None = None
 
@@ -54,7 +55,7 @@ class _Row:
     def push(self, token: int, tokenizer, eos_ids: set[int]) -> None:
         """Add one generated token; decide whether the row is finished; stream new text."""
         request = self.request
-        if token in eos_ids:
+        if token in eos_ids and not request.ignore_eos:
             self.finish_reason = "stop"
         else:
             self.tokens.append(token)
