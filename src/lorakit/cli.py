@@ -1,0 +1,49 @@
+"""The ``lorakit`` command: a thin parser over the library (see DESIGN.md).
+
+Each subcommand lives in ``lorakit/commands/<name>.py`` with ``register(subparsers)``, which
+adds its parser and sets ``func(args) -> int``. Modules import nothing heavy at import time,
+so ``lorakit --help`` is fast; torch and transformers load inside ``func``. To add a command,
+add its module name to ``COMMANDS``.
+
+A LorakitError is printed as ``error: <message>`` on one line (exit status 2), Ctrl-C exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from lorakit.commands import _common
+
+COMMANDS = ["train", "generate", "chat", "eval", "merge", "info", "serve"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning for causal language models, "
+                                     "with peft-compatible adapter files.")
+    parser.add_argument("--version", action="version", version=f"lorakit {_common.version()}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        importlib.import_module(f"lorakit.commands.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - only LorakitError is shown without a traceback
+        from lorakit.errors import LorakitError
+
+        if isinstance(err, LorakitError):
+            print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

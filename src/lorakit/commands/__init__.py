@@ -1,0 +1,1 @@
+"""``lorakit`` subcommands, one module each with ``register(subparsers)`` (see lorakit/cli.py)."""

@@ -1,0 +1,25 @@
+"""lorakit generate [--adapter DIR] [--model M] PROMPT"""
+
+from __future__ import annotations
+
+from lorakit.commands._common import add_generation_args, add_model_args, generation_settings
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("generate", help="generate a reply with a base model (+ adapter)",
+                                   description="Generate a reply to PROMPT, streaming tokens to the terminal. "
+                                               "Instruct models get the prompt through their chat template.")
+    parser.add_argument("prompt", metavar="PROMPT")
+    add_model_args(parser)
+    add_generation_args(parser)
+    parser.add_argument("--raw", action="store_true", help="send PROMPT verbatim (no chat template)")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from lorakit.inference.generate import generate, load_for_inference
+
+    settings = generation_settings(args)
+    model, tokenizer = load_for_inference(args.adapter, args.model, args.dtype)
+    generate(model, tokenizer, args.prompt, settings, system=args.system, raw=args.raw, stream=True)
+    return 0

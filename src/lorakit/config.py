@@ -1,0 +1,269 @@
+"""The training config: dataclasses are the source of truth; YAML and ``key=value`` map onto them.
+
+    model: smollm2-135m-instruct        # HF dir | hub id | .gguf | built-in alias
+    method: lora                        # a registered adapter method (lorakit.adapters.registry)
+    lora: {r: 16, lora_alpha: 32, target_modules: all-linear}   # the method's config class
+    data: {train: train.jsonl, eval: eval.jsonl, max_seq_len: 256}  # lorakit.data.DataConfig
+    train: {epochs: 1, batch_size: 8, lr: 5.0e-4}                   # TrainArgs below
+    output_dir: outputs/run
+
+``load_config("run.yaml", ["train.lr=1e-3", "lora.r=8"])`` applies dotted overrides (values
+parsed as YAML scalars, so ``lora.target_modules=[q_proj,v_proj]`` is a list) before the
+dataclasses are built, so an override is validated exactly like the file. Unknown keys at any
+level are errors naming the closest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lorakit._dataclass_config import field_names, strict_config
+from lorakit.errors import LorakitError, closest_hint, unknown_key_error
+
+SCHEDULERS = ("linear", "cosine", "constant")
+PRECISIONS = ("fp32", "bf16")
+
+
+@strict_config
+@dataclass
+class TrainArgs:
+    """Optimisation settings (the ``train.*`` keys).
+
+    epochs: passes over the training set (ignored when max_steps > 0). max_steps: optimizer
+    steps to run. batch_size: samples per micro-batch (per process); grad_accum: micro-batches
+    per optimizer step. lr: peak AdamW learning rate, reached after warmup_ratio x total steps,
+    then decayed by ``scheduler`` (linear | cosine to 0, or constant). max_grad_norm: global
+    gradient clipping (0 = off). precision: fp32, or bf16 = frozen base weights held in bf16
+    while adapter weights and optimizer state stay fp32. eval_every / save_every: steps between
+    evaluations / checkpoints (0 = only at the end / never). resume: true continues from the
+    latest checkpoint in output_dir/checkpoints (or a checkpoint directory path).
+    loraplus_lr_ratio: LoRA+ (Hayou et al. 2024), lr of every lora_B = ratio x lr (None = off).
+    logging_steps: steps between rows of metrics.jsonl.
+    """
+
+    epochs: float = 1
+    max_steps: int = 0
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 2e-4
+    scheduler: str = "linear"
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    precision: str = "fp32"
+    grad_checkpointing: bool = False
+    eval_every: int = 0
+    save_every: int = 0
+    seed: int = 42
+    resume: bool | str = False
+    loraplus_lr_ratio: float | None = None
+    logging_steps: int = 1
+
+    def __post_init__(self):
+        if self.scheduler not in SCHEDULERS:
+            raise LorakitError(f"train.scheduler '{self.scheduler}' is unknown{closest_hint(str(self.scheduler), SCHEDULERS)}; "
+                               f"valid choices: {', '.join(SCHEDULERS)}")
+        if self.precision not in PRECISIONS:
+            raise LorakitError(f"train.precision '{self.precision}' is unknown; valid choices: {', '.join(PRECISIONS)}")
+        for name in ("batch_size", "grad_accum", "logging_steps"):
+            _check_int(self, name, minimum=1)
+        for name in ("max_steps", "eval_every", "save_every", "seed"):
+            _check_int(self, name, minimum=0)
+        _check_number(self, "lr", low=0.0, low_open=True)
+        _check_number(self, "epochs", low=0.0, low_open=True)
+        _check_number(self, "warmup_ratio", low=0.0, high=1.0)
+        _check_number(self, "weight_decay", low=0.0)
+        _check_number(self, "max_grad_norm", low=0.0)
+        if self.loraplus_lr_ratio is not None:
+            _check_number(self, "loraplus_lr_ratio", low=0.0, low_open=True)
+
+
+def _check_int(obj, name: str, minimum: int) -> None:
+    value = getattr(obj, name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise LorakitError(f"train.{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_number(obj, name: str, low: float | None = None, high: float | None = None,
+                  low_open: bool = False) -> None:
+    value = getattr(obj, name)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value <= high
+    if not ok:
+        bound = f"> {low}" if low_open else f">= {low}"
+        bound += f" and <= {high}" if high is not None else ""
+        raise LorakitError(f"train.{name} must be a number {bound}, got {value!r}")
+
+
+def _default_lora_config():
+    from lorakit.adapters import LoraConfig
+
+    return LoraConfig()
+
+
+def _default_data_config():
+    from lorakit.data import DataConfig
+
+    return DataConfig()
+
+
+@strict_config
+@dataclass
+class TrainingConfig:
+    """A whole training run. ``lora`` is an instance of the config class of ``method``
+    (``get_method(method).config_class``); ``data`` is a ``lorakit.data.DataConfig``."""
+
+    model: str = "smollm2-135m-instruct"
+    method: str = "lora"
+    lora: Any = field(default_factory=_default_lora_config)
+    data: Any = field(default_factory=_default_data_config)
+    train: TrainArgs = field(default_factory=TrainArgs)
+    output_dir: str = "outputs/run"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (YAML-serialisable) that ``TrainingConfig.from_dict`` reads back."""
+        lora = self.lora.to_dict() if hasattr(self.lora, "to_dict") else dataclasses.asdict(self.lora)
+        lora.pop("peft_type", None)
+        return {"model": self.model, "method": self.method, "lora": lora,
+                "data": dataclasses.asdict(self.data), "train": dataclasses.asdict(self.train),
+                "output_dir": self.output_dir}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None, where: str = "config") -> "TrainingConfig":
+        from lorakit.adapters import get_method
+        from lorakit.data import DataConfig
+
+        data = dict(data or {})
+        names = field_names(cls)
+        for key in data:
+            if key not in names:
+                raise unknown_key_error(key, names, where)
+        method_name = data.get("method", "lora")
+        method = get_method(method_name)
+        sections = {}
+        for key, section_cls in (("lora", method.config_class), ("data", DataConfig), ("train", TrainArgs)):
+            value = data.get(key)
+            if value is not None and not isinstance(value, dict):
+                raise LorakitError(f"{where}: '{key}' must be a mapping of {section_cls.__name__} keys, got {value!r}")
+            sections[key] = _build_section(section_cls, value or {}, f"{where} section '{key}'")
+        top = {k: v for k, v in data.items() if k not in sections}
+        for key in ("model", "output_dir"):
+            if key in top and not isinstance(top[key], str):
+                raise LorakitError(f"{where}: '{key}' must be a string, got {top[key]!r}")
+        return cls(**top, **sections)
+
+
+def _build_section(section_cls, values: dict, where: str):
+    """Build one section dataclass; unknown keys name the section and the closest key."""
+    if hasattr(section_cls, "from_dict"):
+        return section_cls.from_dict(values, where=where)
+    names = field_names(section_cls)
+    for key in values:
+        if key not in names:
+            raise unknown_key_error(key, names, where)
+    try:
+        return section_cls(**values)
+    except TypeError as err:  # e.g. a missing required field
+        raise LorakitError(f"{where}: {err}") from None
+
+
+# --- YAML and key=value overrides ----------------------------------------------------------
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """"train.lr=1e-3" -> (["train", "lr"], 0.001); the value is parsed as a YAML scalar/flow."""
+    import yaml
+
+    if "=" not in text:
+        raise LorakitError(f"override '{text}' must look like key=value (e.g. train.lr=1e-4)")
+    key, _, raw = text.partition("=")
+    path = key.strip().split(".")
+    if not all(path):
+        raise LorakitError(f"override '{text}': empty key segment in '{key}'")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise LorakitError(f"override '{text}': value is not valid YAML ({str(err).splitlines()[0]})") from None
+    return path, _yaml_number(value)
+
+
+_EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _yaml_number(value):
+    """YAML 1.1 reads '1e-4' as a string (it wants '1.0e-4'); people mean the number."""
+    if isinstance(value, str):
+        return float(value) if _EXPONENT_NUMBER.fullmatch(value.strip()) else value
+    if isinstance(value, dict):
+        return {k: _yaml_number(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_yaml_number(v) for v in value]
+    return value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set each dotted ``key=value`` into a copy of the nested dict ``data``."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise LorakitError(f"override '{text}': '{part}' is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise LorakitError(f"config file '{path}' does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        raise LorakitError(f"{path}:{line} invalid YAML ({getattr(err, 'problem', None) or err})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise LorakitError(f"{path}: a training config must be a mapping of keys, got {type(data).__name__}")
+    return _yaml_number(data)
+
+
+def _resolve_data_paths(config: TrainingConfig, base_dir: Path) -> None:
+    """Relative data paths are taken from the working directory, or else next to the YAML file."""
+    for key in ("train", "eval"):
+        value = getattr(config.data, key, None)
+        if value and not Path(value).is_absolute() and not Path(value).exists() and (base_dir / value).exists():
+            setattr(config.data, key, str(base_dir / value))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainingConfig:
+    """A validated TrainingConfig from a YAML file (or defaults when ``path`` is None) plus overrides."""
+    data = read_yaml(path) if path is not None else {}
+    data = apply_overrides(data, list(overrides or []))
+    config = TrainingConfig.from_dict(data, where=str(path) if path else "config")
+    if path is not None:
+        _resolve_data_paths(config, Path(path).resolve().parent)
+    return config
+
+
+def config_to_yaml(config: TrainingConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -1,0 +1,99 @@
+"""Text generation with a base model and (optionally) one adapter: load, prompt, generate.
+
+    model, tokenizer = load_for_inference(adapter="out/")        # base from adapter_config.json
+    text = generate(model, tokenizer, [{"role": "user", "content": "Hi"}], stream=True)
+
+Prompts for instruct models go through the tokenizer's chat template (lorakit.data's
+``render_chat``, the same rendering training used, with its fallback template for tokenizers
+without one). Greedy by default; ``temperature > 0`` samples (with ``top_p``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lorakit.errors import LorakitError
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = 128
+    temperature: float = 0.0   # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def generate_kwargs(self, tokenizer) -> dict:
+        kwargs = {"max_new_tokens": self.max_new_tokens, "pad_token_id": tokenizer.pad_token_id}
+        if self.temperature > 0:
+            kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        return kwargs
+
+
+def adapter_base_model(adapter: str | Path) -> str:
+    """The base model an adapter records (base_model_name_or_path in adapter_config.json)."""
+    from lorakit.models.peft_format import CONFIG_NAME, read_adapter_config_dict
+
+    base = read_adapter_config_dict(adapter).get("base_model_name_or_path")
+    if not base:
+        raise LorakitError(f"{Path(adapter) / CONFIG_NAME} records no base_model_name_or_path; pass --model")
+    return base
+
+
+def load_for_inference(adapter: str | Path | None = None, model: str | None = None, dtype="float32",
+                       device: str = "cpu"):
+    """(model in eval mode, tokenizer): ``model`` (default: the adapter's base) plus ``adapter``."""
+    from lorakit.models.inject import load_adapter
+    from lorakit.models.load import DEFAULT_MODEL, load_model
+
+    if model is None:
+        model = adapter_base_model(adapter) if adapter else DEFAULT_MODEL
+    base, tokenizer = load_model(model, dtype=dtype, device=device)
+    if adapter is None:
+        return base, tokenizer
+    return load_adapter(base, adapter).eval(), tokenizer
+
+
+def is_chat_model(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def build_prompt(tokenizer, prompt: str | list[dict], system: str | None = None, raw: bool = False) -> str:
+    """Prompt text: a string as one user turn (plus ``system``) through the chat template, a
+    message list as is; ``raw=True`` (or a tokenizer without a template) uses the string verbatim."""
+    from lorakit.data import render_chat
+
+    if isinstance(prompt, str):
+        if raw or not is_chat_model(tokenizer):
+            return prompt
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    else:
+        messages = prompt
+    return render_chat(tokenizer, messages, add_generation_prompt=True)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt: str | list[dict], settings: GenerationSettings | None = None,
+             system: str | None = None, raw: bool = False, stream: bool = False) -> str:
+    """The model's reply to ``prompt`` (only the new text). ``stream=True`` also prints tokens to
+    stdout as they are produced (transformers' TextStreamer)."""
+    settings = settings or GenerationSettings()
+    text = build_prompt(tokenizer, prompt, system, raw)
+    # The chat template already contains the special tokens (e.g. BOS); do not add them twice.
+    encoded = tokenizer(text, return_tensors="pt", add_special_tokens=not (is_chat_model(tokenizer) and not raw))
+    device = next(model.parameters()).device
+    input_ids = encoded["input_ids"].to(device)
+    streamer = None
+    if stream:
+        from transformers import TextStreamer
+
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    if settings.seed is not None:
+        torch.manual_seed(settings.seed)
+    output = model.generate(input_ids=input_ids, attention_mask=encoded["attention_mask"].to(device),
+                            streamer=streamer, **settings.generate_kwargs(tokenizer))
+    return tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True).strip()

@@ -1,0 +1,67 @@
+"""A description of an adapter directory from its files alone (no base model loaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lorakit.errors import LorakitError
+
+
+def adapter_info(directory: str | Path) -> dict:
+    """{"method", "peft_type", "base_model", "ranks", "lora_alpha", "targets", "adapted_modules",
+    "trainable_params", "size_bytes" (adapter_model.safetensors + adapter_config.json), "extra"} read from adapter_config.json and the tensor
+    headers of adapter_model.safetensors (the tensors themselves are not loaded)."""
+    from safetensors import safe_open
+
+    from lorakit.adapters import ADAPTER_METHODS
+    from lorakit.models.peft_format import WEIGHTS_NAME, read_adapter_config_dict
+
+    directory = Path(directory)
+    config = read_adapter_config_dict(directory)
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        raise LorakitError(f"'{directory}' has no {WEIGHTS_NAME}")
+    shapes = {}
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            for key in handle.keys():
+                shapes[key] = tuple(handle.get_slice(key).get_shape())
+    except Exception as err:  # safetensors raises its own error types for broken headers
+        raise LorakitError(f"{weights}: not a valid safetensors file ({err})") from None
+    ranks, modules = set(), set()
+    for key, shape in shapes.items():
+        if ".lora_A" in key and len(shape) == 2:
+            ranks.add(shape[0])
+            modules.add(key.split(".lora_A")[0])
+    peft_type = config["peft_type"]
+    methods = [m.name for m in ADAPTER_METHODS.values() if m.peft_type == peft_type]
+    method = methods[0] if methods else peft_type.lower()
+    if config.get("use_dora"):
+        method = "dora" if "dora" in ADAPTER_METHODS else f"{method} (DoRA)"
+    extra = {}
+    for key in ("use_rslora", "init_lora_weights", "lora_dropout", "modules_to_save", "target_r", "init_r"):
+        if config.get(key) not in (None, False, [], {}, True) or (key == "use_rslora" and config.get(key)):
+            extra[key] = config[key]
+    if config.get("rank_pattern"):
+        extra["rank_pattern"] = f"{len(config['rank_pattern'])} per-module ranks"
+    size = weights.stat().st_size + (directory / "adapter_config.json").stat().st_size
+    return {
+        "directory": str(directory),
+        "method": method,
+        "peft_type": peft_type,
+        "base_model": config.get("base_model_name_or_path"),
+        "ranks": sorted(ranks) or [config.get("r")],
+        "lora_alpha": config.get("lora_alpha"),
+        "targets": sorted({m.rsplit(".", 1)[-1] for m in modules}) or [str(config.get("target_modules"))],
+        "adapted_modules": len(modules),
+        "trainable_params": sum(_numel(shape) for shape in shapes.values()),
+        "size_bytes": size,
+        "extra": extra,
+    }
+
+
+def _numel(shape: tuple) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count

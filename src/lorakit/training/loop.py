@@ -1,0 +1,326 @@
+"""The training recipe: one readable loop on accelerate's ``Accelerator``.
+
+    load base + tokenizer -> build datasets -> plan the batches of every step -> inject adapters
+    -> AdamW + warmup schedule -> [resume] -> for each step: grad_accum micro-batches, clip,
+    step, (AdaLoRA allocation), log, eval every N, checkpoint every N -> final adapter, model
+    card, metrics.jsonl, loss.png
+
+The same code runs in one process and under ``accelerate launch`` / ``torchrun`` (DDP). The
+loss of a step is the mean over every labelled token of the step (all micro-batches, all
+processes): each micro-batch contributes sum(token losses) / tokens-in-step, so gradient
+accumulation gives the same update as one big batch.
+
+Reproducibility: batches are a pure function of (seed, epoch) (``StepPlan``); a checkpoint
+stores adapter, optimizer, scheduler and RNG states, so ``resume: true`` continues with the
+same per-step losses an uninterrupted run has. Ctrl-C saves a checkpoint of the last finished
+step (the RNG state captured at that step's end) and re-raises KeyboardInterrupt.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lorakit.config import TrainingConfig, config_to_yaml
+from lorakit.errors import LorakitError
+from lorakit.training import checkpoint as ckpt
+from lorakit.training.evaluate import batch_loss_sum, count_tokens, loss_and_ppl, loss_sums
+from lorakit.training.metrics import PLOT_NAME, MetricsLog, plot_losses
+from lorakit.training.optim import make_optimizer
+from lorakit.training.plan import StepPlan
+from lorakit.training.schedule import make_scheduler
+
+# Config entries a resumed run must share with the checkpoint (others, e.g. max_steps, may change).
+_RESUME_MUST_MATCH = ("model", "method", "lora", "data", "train.batch_size", "train.grad_accum", "train.seed",
+                      "train.lr", "train.scheduler", "train.warmup_ratio", "train.weight_decay",
+                      "train.loraplus_lr_ratio", "train.precision")
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    global_step: int
+    losses: dict[int, float] = field(default_factory=dict)  # step -> loss, for the steps this call ran
+    train_loss: float | None = None                         # mean of the last final_loss_window steps
+    final_loss_window: int = 0
+    eval_loss: float | None = None
+    eval_ppl: float | None = None
+    initial_eval_loss: float | None = None
+    tokens_seen: int = 0
+    elapsed_s: float = 0.0                                  # time spent in training steps
+    tokens_per_s: float = 0.0
+    interrupted: bool = False
+
+
+# --- building blocks -------------------------------------------------------------------------
+
+def load_base(config: TrainingConfig, device=None):
+    """(frozen base model, tokenizer); bf16 precision holds the base weights in bf16."""
+    from lorakit.models.load import load_model
+
+    dtype = "bfloat16" if config.train.precision == "bf16" else "float32"
+    return load_model(config.model, dtype=dtype, device=device or "cpu")
+
+
+def inject_adapters(model, config: TrainingConfig, total_steps: int):
+    """Wrap ``model`` with the configured method's adapters (trainable, everything else frozen).
+    Methods that schedule over the run (AdaLoRA's ``total_step``) get the step count when unset."""
+    from lorakit.adapters import get_method
+    from lorakit.models.inject import get_peft_model
+
+    method = get_method(config.method)
+    adapter_config = config.lora
+    if not isinstance(adapter_config, method.config_class):
+        raise LorakitError(f"method '{config.method}' needs a {method.config_class.__name__} in 'lora', "
+                           f"got {type(adapter_config).__name__}")
+    if hasattr(adapter_config, "total_step") and getattr(adapter_config, "total_step") is None:
+        adapter_config.total_step = total_steps
+    return get_peft_model(model, adapter_config)
+
+
+def _log(accelerator, message: str) -> None:
+    if accelerator.is_main_process:
+        from tqdm import tqdm
+
+        tqdm.write(f"lorakit: {message}")
+
+
+@contextmanager
+def _defer_sigint():
+    """Hold Ctrl-C while the parameters are being updated, so a checkpoint never captures a
+    half-applied optimizer step; the KeyboardInterrupt is raised right after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda *_: received.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
+def _lookup(data: dict, dotted: str):
+    for part in dotted.split("."):
+        data = data.get(part) if isinstance(data, dict) else None
+    return data
+
+
+def _check_resume_config(saved: dict, current: dict, where: Path) -> None:
+    for key in _RESUME_MUST_MATCH:
+        before, now = _lookup(saved, key), _lookup(current, key)
+        if before != now:
+            raise LorakitError(f"cannot resume from {where}: '{key}' was {before!r} there and is {now!r} now; "
+                               f"restore it or train into a new output_dir")
+
+
+def _resume_dir(resume, output_dir: Path, accelerator) -> Path | None:
+    if resume is False or resume is None:
+        return None
+    if resume is True:
+        found = ckpt.latest_checkpoint(output_dir)
+        if found is None:
+            _log(accelerator, f"resume: no checkpoint in {output_dir / ckpt.CHECKPOINTS}; starting from step 0")
+        return found
+    path = Path(str(resume))
+    if not (path / ckpt.STATE_NAME).is_file():
+        raise LorakitError(f"train.resume: '{resume}' is not a checkpoint directory (no {ckpt.STATE_NAME})")
+    return path
+
+
+# --- one optimizer step ----------------------------------------------------------------------
+
+def _train_step(model, micro_batches: list[dict], step_targets: int, accelerator) -> tuple[float, int]:
+    """Forward/backward over this process's micro-batches. Returns (this process's loss sum, tokens)."""
+    loss_sum, tokens = 0.0, 0
+    for i, batch in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        with nullcontext() if last else accelerator.no_sync(model):  # all-reduce once per step
+            part, _ = batch_loss_sum(model, batch, accelerator.device)  # sum of token losses
+            # DDP averages gradients over processes, hence × num_processes.
+            accelerator.backward(part * (accelerator.num_processes / step_targets))
+        loss_sum += float(part.detach())
+        tokens += count_tokens(batch)
+    return loss_sum, tokens
+
+
+def _reduce_sum(accelerator, *values: float) -> list[float]:
+    if accelerator.num_processes == 1:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
+    return accelerator.reduce(tensor, reduction="sum").tolist()
+
+
+def _evaluate(model, batches: list[dict], accelerator) -> dict:
+    total, count = loss_sums(model, batches, accelerator.device)
+    total, count = _reduce_sum(accelerator, total, count)
+    return loss_and_ppl(total, int(count))
+
+
+# --- the loop ------------------------------------------------------------------------------
+
+def train(config: TrainingConfig, progress: bool = True) -> TrainResult:
+    """Train adapters as ``config`` says; write the final adapter, model card, metrics.jsonl
+    and loss.png into ``config.output_dir``; return the run's figures."""
+    from accelerate import Accelerator
+    from accelerate.utils import gather_object, set_seed
+    from tqdm import tqdm
+
+    from lorakit.data import build_datasets, make_batches, verify_packing
+
+    args, out = config.train, Path(config.output_dir)
+    accelerator = Accelerator()
+    main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+
+    set_seed(args.seed)
+    base, tokenizer = load_base(config)
+    train_samples, eval_samples, stats = build_datasets(config.data, tokenizer)
+    _log(accelerator, str(stats))
+    plan = StepPlan(train_samples, args.batch_size, args.grad_accum, tokenizer.pad_token_id, config.data.packing,
+                    config.data.max_seq_len, args.seed, args.epochs, args.max_steps, world)
+    total = plan.total_steps
+    eval_batches = [] if not eval_samples else make_batches(
+        eval_samples, args.batch_size, tokenizer.pad_token_id, config.data.packing, config.data.max_seq_len,
+        shuffle=False, seed=0)[rank::world]
+
+    set_seed(args.seed)  # adapter init does not depend on how much RNG data loading used
+    model = inject_adapters(base, config, total).to(accelerator.device)
+    if config.data.packing:
+        verify_packing(model)
+    if args.grad_checkpointing:
+        model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainable, all_params = model.get_nb_trainable_parameters()
+    _log(accelerator, f"{config.method} on {config.model}: {trainable:,} trainable of {all_params:,} parameters; "
+                      f"{total} steps of {args.batch_size} x {args.grad_accum} x {world} samples")
+
+    optimizer = make_optimizer(model, args.lr, args.weight_decay, args.loraplus_lr_ratio)
+    scheduler = make_scheduler(optimizer, total, args.warmup_ratio, args.scheduler)
+    ddp_model, optimizer = accelerator.prepare(model, optimizer)
+    config_dict = config.to_dict()
+
+    metrics = MetricsLog(out)
+    result = TrainResult(output_dir=out, global_step=0)
+    step = 0
+    resume_from = _resume_dir(args.resume, out, accelerator)
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, rank)
+        _check_resume_config(state["config"], config_dict, resume_from)
+        step, result.tokens_seen = state["global_step"], state["tokens_seen"]
+        result.initial_eval_loss = state.get("initial_eval_loss")
+        if state.get("total_steps") != total:
+            _log(accelerator, f"resume: the run now has {total} steps (was {state.get('total_steps')}); "
+                              f"the lr schedule is stretched accordingly")
+        if main:
+            metrics.truncate_after(step)
+        _log(accelerator, f"resumed from {resume_from} at step {step}")
+    else:
+        if main:
+            metrics.path.unlink(missing_ok=True)
+        if eval_batches:
+            first = _evaluate(model, eval_batches, accelerator)
+            result.initial_eval_loss = first["loss"]
+            if main:
+                metrics.append({"step": 0, "eval_loss": first["loss"], "eval_ppl": first["ppl"]})
+            _log(accelerator, f"eval before training: loss {first['loss']:.4f}, ppl {first['ppl']:.2f}")
+
+    def save(at_step: int, rng_state: dict, gather: bool = True) -> None:
+        states = gather_object([rng_state]) if (gather and world > 1) else [rng_state] * world
+        if main:
+            epoch, start = plan.position(at_step) if at_step < total else (None, None)
+            ckpt.save_checkpoint(ckpt.checkpoint_dir(out, at_step), model, optimizer, scheduler, states, {
+                "global_step": at_step, "epoch": epoch, "step_in_epoch": None if start is None else at_step - start,
+                "total_steps": total, "tokens_seen": result.tokens_seen,
+                "initial_eval_loss": result.initial_eval_loss, "config": config_dict})
+        accelerator.wait_for_everyone()
+
+    model.train()
+    bar = tqdm(total=total, initial=step, disable=not (progress and main), unit="step", dynamic_ncols=True)
+    rng_after_step = ckpt.capture_rng()
+    window_loss, window_targets, run_tokens = 0.0, 0, 0
+    try:
+        while step < total:
+            started = time.perf_counter()
+            micro_batches, step_targets = plan.process_batches(step, rank)
+            loss_sum, tokens = _train_step(ddp_model, micro_batches, step_targets, accelerator)
+            grad_norm = None
+            if args.max_grad_norm > 0:
+                grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm))
+            lr = scheduler.get_last_lr()[0]
+            with _defer_sigint():
+                optimizer.step()
+                scheduler.step()
+                if hasattr(model, "update_and_allocate"):  # AdaLoRA's rank allocator
+                    model.update_and_allocate(step + 1)
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                rng_after_step = ckpt.capture_rng()
+            loss_sum, tokens = _reduce_sum(accelerator, loss_sum, tokens)
+            step_loss = loss_sum / step_targets
+            result.elapsed_s += time.perf_counter() - started
+            result.tokens_seen += int(tokens)
+            result.losses[step] = step_loss
+            window_loss, window_targets = window_loss + loss_sum, window_targets + step_targets
+            run_tokens += int(tokens)
+            tokens_per_s = run_tokens / max(result.elapsed_s, 1e-9)
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
+            bar.update(1)
+            if main and (step % args.logging_steps == 0 or step == total):
+                metrics.append({"step": step, "epoch": round(step / plan.steps_per_epoch, 4),
+                                "loss": window_loss / window_targets, "lr": lr, "grad_norm": grad_norm,
+                                "tokens": result.tokens_seen, "tokens_per_s": round(tokens_per_s, 1),
+                                "elapsed_s": round(result.elapsed_s, 3)})
+                window_loss, window_targets = 0.0, 0
+            if eval_batches and args.eval_every and step % args.eval_every == 0 and step < total:
+                row = _evaluate(model, eval_batches, accelerator)
+                if main:
+                    metrics.append({"step": step, "eval_loss": row["loss"], "eval_ppl": row["ppl"]})
+                _log(accelerator, f"step {step}: eval loss {row['loss']:.4f}, ppl {row['ppl']:.2f}")
+            if args.save_every and step % args.save_every == 0:
+                save(step, rng_after_step)
+    except KeyboardInterrupt:
+        bar.close()
+        optimizer.zero_grad(set_to_none=True)
+        save(step, rng_after_step, gather=False)
+        _log(accelerator, f"interrupted: checkpoint of step {step} saved in {ckpt.checkpoint_dir(out, step)}; "
+                          f"continue with train.resume=true")
+        raise
+    bar.close()
+    result.tokens_per_s = run_tokens / max(result.elapsed_s, 1e-9)
+    return _finish(config, model, eval_batches, accelerator, metrics, result, stats, step)
+
+
+def _finish(config, model, eval_batches, accelerator, metrics, result: TrainResult, stats, step: int):
+    """Final eval, adapter files, model card, training config, loss plot."""
+    from lorakit._io import write_text_atomic
+    from lorakit.training.model_card import write_model_card
+
+    out = Path(config.output_dir)
+    result.global_step = step
+    if eval_batches:
+        final = _evaluate(model, eval_batches, accelerator)
+        result.eval_loss, result.eval_ppl = final["loss"], final["ppl"]
+        if accelerator.is_main_process:
+            metrics.append({"step": step, "eval_loss": final["loss"], "eval_ppl": final["ppl"]})
+        _log(accelerator, f"eval after training: loss {final['loss']:.4f}, ppl {final['ppl']:.2f}")
+    rows = metrics.rows() if accelerator.is_main_process else []
+    step_losses = [r["loss"] for r in rows if "loss" in r]
+    if step_losses:
+        result.final_loss_window = min(10, len(step_losses))
+        result.train_loss = sum(step_losses[-result.final_loss_window:]) / result.final_loss_window
+    if accelerator.is_main_process:
+        model.save_pretrained(out)
+        write_text_atomic(out / "training_config.yaml", config_to_yaml(config))
+        trainable, total = model.get_nb_trainable_parameters()
+        write_model_card(out, config, result, stats, trainable, total)
+        plot_losses(rows, out / PLOT_NAME)
+        _log(accelerator, f"adapter saved in {out} (README.md, metrics.jsonl, {PLOT_NAME})")
+    accelerator.wait_for_everyone()
+    return result

@@ -1,0 +1,83 @@
+"""Which micro-batches each optimizer step uses: a pure function of (samples, settings, step).
+
+Epoch e shuffles the samples with seed ``seed + e`` (``lorakit.data.make_batches``), so the
+batches of any step can be rebuilt after a restart: resuming at step k just starts the loop
+at k. One optimizer step takes ``grad_accum × num_processes`` consecutive micro-batches of the
+current epoch (fewer at the end of an epoch); process i takes every num_processes-th of them.
+With several processes each epoch is cut to a multiple of num_processes micro-batches so that
+every process runs the same number of forwards per step (needed for gradient all-reduce).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from lorakit.data import make_batches
+from lorakit.training.evaluate import count_targets
+
+
+@dataclass
+class StepPlan:
+    samples: list[dict]
+    batch_size: int
+    grad_accum: int
+    pad_token_id: int
+    packing: bool
+    max_seq_len: int
+    seed: int
+    epochs: float = 1
+    max_steps: int = 0
+    num_processes: int = 1
+    _epochs: dict[int, list[dict]] = field(default_factory=dict, repr=False)
+    _counts: dict[int, int] = field(default_factory=dict, repr=False)
+
+    def epoch_batches(self, epoch: int) -> list[dict]:
+        if epoch not in self._epochs:
+            batches = make_batches(self.samples, self.batch_size, self.pad_token_id, self.packing,
+                                   self.max_seq_len, shuffle=True, seed=self.seed + epoch)
+            keep = len(batches) - len(batches) % self.num_processes
+            self._epochs = {epoch: batches[:keep]}  # keep one epoch in memory
+            self._counts[epoch] = keep
+        return self._epochs[epoch]
+
+    @property
+    def per_step(self) -> int:
+        return self.grad_accum * self.num_processes
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        if epoch not in self._counts:
+            self.epoch_batches(epoch)
+        return math.ceil(self._counts[epoch] / self.per_step)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Steps of epoch 0 (every epoch has the same count unless packing reorders lengths)."""
+        return self.steps_in_epoch(0)
+
+    @property
+    def total_steps(self) -> int:
+        if self.max_steps > 0:
+            return self.max_steps
+        whole, part = int(self.epochs), self.epochs - int(self.epochs)
+        steps = self.steps_per_epoch * whole
+        return max(1, steps + math.ceil(self.steps_per_epoch * part))
+
+    def position(self, step: int) -> tuple[int, int]:
+        """(epoch, first step of that epoch) of global step ``step`` (0-based)."""
+        epoch, start = 0, 0
+        while step >= start + self.steps_in_epoch(epoch):
+            start += self.steps_in_epoch(epoch)
+            epoch += 1
+        return epoch, start
+
+    def step_batches(self, step: int) -> list[dict]:
+        """All micro-batches of global step ``step`` (every process's)."""
+        epoch, start = self.position(step)
+        offset = (step - start) * self.per_step
+        return self.epoch_batches(epoch)[offset: offset + self.per_step]
+
+    def process_batches(self, step: int, process_index: int) -> tuple[list[dict], int]:
+        """(this process's micro-batches, target tokens of the whole step over all processes)."""
+        batches = self.step_batches(step)
+        return batches[process_index::self.num_processes], sum(count_targets(b) for b in batches)

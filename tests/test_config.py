@@ -1,0 +1,116 @@
+"""The training config: YAML + key=value overrides onto dataclasses; unknown keys are errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from lorakit.adapters import LoraConfig
+from lorakit.config import TrainArgs, TrainingConfig, apply_overrides, load_config, parse_override
+from lorakit.data import DataConfig
+from lorakit.errors import LorakitError
+
+YAML = """
+model: smollm2-135m-instruct
+lora:
+  r: 16
+  lora_alpha: 32
+  target_modules: [q_proj, v_proj]
+data:
+  train: train.jsonl
+  max_seq_len: 256
+train:
+  lr: 1e-4
+  epochs: 2
+output_dir: out
+"""
+
+
+def _write(tmp_path, text=YAML):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_maps_onto_typed_dataclasses(tmp_path):
+    config = load_config(_write(tmp_path))
+    assert isinstance(config.lora, LoraConfig) and isinstance(config.data, DataConfig)
+    assert isinstance(config.train, TrainArgs)
+    assert config.lora.r == 16 and config.lora.target_modules == ["q_proj", "v_proj"]
+    assert config.train.lr == pytest.approx(1e-4) and isinstance(config.train.lr, float)  # YAML 1.1 reads 1e-4 as str
+    assert config.train.epochs == 2 and config.data.max_seq_len == 256 and config.output_dir == "out"
+    assert config.train.batch_size == TrainArgs().batch_size  # defaults fill the rest
+
+
+def test_defaults_without_file():
+    config = load_config(None)
+    assert config.model == "smollm2-135m-instruct" and config.method == "lora"
+    assert config.train.scheduler == "linear" and config.train.precision == "fp32"
+    assert config.train.loraplus_lr_ratio is None
+
+
+def test_overrides_are_parsed_as_yaml_and_validated(tmp_path):
+    config = load_config(_write(tmp_path), ["train.lr=3e-4", "lora.r=8", "lora.target_modules=[up_proj,down_proj]",
+                                           "data.packing=true", "train.resume=true", "model=other-model",
+                                           "train.loraplus_lr_ratio=16"])
+    assert config.train.lr == pytest.approx(3e-4)
+    assert config.lora.r == 8 and config.lora.target_modules == ["up_proj", "down_proj"]
+    assert config.data.packing is True and config.train.resume is True and config.model == "other-model"
+    assert config.train.loraplus_lr_ratio == 16
+    with pytest.raises(LorakitError, match="train.batch_size must be an integer >= 1"):
+        load_config(_write(tmp_path), ["train.batch_size=0"])
+    with pytest.raises(LorakitError, match="r must be a positive integer"):
+        load_config(_write(tmp_path), ["lora.r=-1"])
+
+
+@pytest.mark.parametrize("override, key, suggestion", [
+    ("modle=x", "modle", "model"),
+    ("train.lrr=1", "lrr", "lr"),
+    ("train.grad_acum=2", "grad_acum", "grad_accum"),
+    ("data.max_seq=12", "max_seq", "max_seq_len"),
+    ("lora.lora_alpah=4", "lora_alpah", "lora_alpha"),
+])
+def test_unknown_keys_rejected_with_closest_suggestion(tmp_path, override, key, suggestion):
+    with pytest.raises(LorakitError) as info:
+        load_config(_write(tmp_path), [override])
+    message = str(info.value)
+    assert f"unknown key '{key}'" in message and f"did you mean '{suggestion}'" in message
+    assert "\n" not in message
+
+
+def test_unknown_key_in_yaml_file_names_the_file_and_section(tmp_path):
+    path = _write(tmp_path, YAML.replace("  epochs: 2", "  epoch: 2"))
+    with pytest.raises(LorakitError, match=r"run.yaml section 'train'.*did you mean 'epochs'"):
+        load_config(path)
+
+
+def test_invalid_choices_and_shapes(tmp_path):
+    with pytest.raises(LorakitError, match="did you mean 'cosine'"):
+        load_config(_write(tmp_path), ["train.scheduler=cosin"])
+    with pytest.raises(LorakitError, match="valid choices: fp32, bf16"):
+        load_config(_write(tmp_path), ["train.precision=fp8"])
+    with pytest.raises(LorakitError, match="unknown method 'lorra'"):
+        load_config(_write(tmp_path), ["method=lorra"])
+    with pytest.raises(LorakitError, match="must look like key=value"):
+        parse_override("train.lr")
+    with pytest.raises(LorakitError, match="'train' must be a mapping"):
+        TrainingConfig.from_dict({"train": 3})
+    with pytest.raises(LorakitError, match="is a value, not a section"):
+        apply_overrides({"model": "x"}, ["model.sub=1"])
+    bad = _write(tmp_path, "train:\n  lr: [1,\n")
+    with pytest.raises(LorakitError, match="invalid YAML"):
+        load_config(bad)
+    with pytest.raises(LorakitError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_to_dict_round_trips(tmp_path):
+    config = load_config(_write(tmp_path), ["train.loraplus_lr_ratio=4"])
+    again = TrainingConfig.from_dict(config.to_dict())
+    assert again == config
+
+
+def test_relative_data_paths_fall_back_to_the_config_directory(tmp_path, monkeypatch):
+    (tmp_path / "train.jsonl").write_text("{}\n")
+    monkeypatch.chdir(tmp_path.parent)
+    config = load_config(_write(tmp_path))
+    assert config.data.train == str(tmp_path / "train.jsonl")
