@@ -1,12 +1,36 @@
-"""lorakit: LoRA fine-tuning for causal language models, with peft-compatible adapter files."""
+"""lorakit: LoRA fine-tuning for causal language models, with peft-compatible adapter files.
 
-from lorakit.adapters import LoraConfig
-from lorakit.errors import LorakitError
-from lorakit.models.inject import get_lora_model, get_peft_model, load_adapter
-from lorakit.models.load import load_model
-from lorakit.models.lora_model import LoraModel
+The public names below are imported on first use (PEP 562), so ``import lorakit`` and the
+``lorakit --help`` command do not pay for importing torch and transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
+_EXPORTS = {
+    "LoraConfig": "lorakit.adapters",
+    "LoraModel": "lorakit.models.lora_model",
+    "LorakitError": "lorakit.errors",
+    "get_lora_model": "lorakit.models.inject",
+    "get_peft_model": "lorakit.models.inject",
+    "load_adapter": "lorakit.models.inject",
+    "load_model": "lorakit.models.load",
+}
+
 __all__ = ["LoraConfig", "LoraModel", "LorakitError", "get_lora_model", "get_peft_model",
            "load_adapter", "load_model", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lorakit' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
