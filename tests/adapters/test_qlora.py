@@ -187,3 +187,19 @@ def test_builtin_model_base_weights_at_most_035_of_bf16(builtin_model_dir):
     assert memory.quantized_ratio_to_bf16 <= 0.35  # every quantized linear weight, with its state
     # the tied embedding / output head (28% of the parameters) stays bf16, as in transformers' 4-bit loading
     assert memory.ratio_to_bf16 <= 0.45
+
+
+def test_eval_forward_keeps_the_canonical_4bit_layout():
+    """bitsandbytes would repack the weight for CPU inference on the first eval/no-grad call
+    (breaking in_features < 64, dequantization and later training); lorakit turns that off."""
+    layer = LoraLayer(quantize_linear(nn.Linear(32, 16), "nf4"))
+    layer.add_adapter("default", r=2, lora_alpha=2, init_lora_weights=False)
+    before = dequantize_weight(layer.base_layer)
+    layer.eval()
+    with torch.no_grad():
+        layer(torch.randn(3, 32))
+    torch.testing.assert_close(dequantize_weight(layer.base_layer), before, atol=0, rtol=0)
+    layer.train()
+    x = torch.randn(3, 32, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0

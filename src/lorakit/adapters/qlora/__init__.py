@@ -2,10 +2,12 @@
 
 Quantization belongs to the *base* layer (``base.py``): ``quantize_base(model, "nf4")`` turns the
 model's linear layers into bitsandbytes layers, and the ordinary LoraLayer wraps them. The
-``qlora`` method in the registry is LoRA with that step folded into attaching: a target layer
-that is not quantized yet is quantized as it is wrapped (call ``quantize_base`` on the whole
-model first to quantize the non-target layers too). The saved adapter is a plain LoRA
-adapter (peft_type LORA).
+``qlora`` method in the registry (config ``QLoraConfig``: LoraConfig plus quantization,
+compute_dtype, double_quant) is LoRA with that step folded into attaching: a target layer that
+is not quantized yet is quantized as it is wrapped. With ``target_modules: all-linear`` that is
+every linear layer but the output head, i.e. QLoRA; with fewer targets call ``quantize_base``
+on the whole model first to quantize the others too. The saved adapter is a plain LoRA
+adapter (peft_type LORA; the quantization keys are not written).
 """
 
 from __future__ import annotations
@@ -15,18 +17,22 @@ from torch import nn
 from lorakit.adapters.qlora.base import (QUANT_CHOICES, BaseWeightMemory, base_weight_memory, dense_linear,
                                          dense_weight, dequantize_base, dequantize_weight, is_quantized,
                                          quantize_base, quantize_linear)
+from lorakit.adapters.qlora.config import QLoraConfig
 
 
-def attach_qlora(module: nn.Module, adapter_name: str, config, module_name: str) -> nn.Module:
-    """attach_lora over an NF4 base: quantizes ``module`` (bf16 compute, double quant) unless it
-    is already a quantized layer or a LoraLayer."""
+def attach_qlora(module: nn.Module, adapter_name: str, config: QLoraConfig, module_name: str) -> nn.Module:
+    """attach_lora over a quantized base: quantizes ``module`` as ``config`` says unless it is
+    already a quantized layer or a LoraLayer."""
     from lorakit.adapters.lora import LoraLayer, attach_lora
+    from lorakit.models.load import resolve_dtype
 
     if not isinstance(module, LoraLayer) and not is_quantized(module):
-        module = quantize_linear(module, "nf4")
+        module = quantize_linear(module, getattr(config, "quantization", "nf4"),
+                                 resolve_dtype(getattr(config, "compute_dtype", "bfloat16")),
+                                 getattr(config, "double_quant", True))
     return attach_lora(module, adapter_name, config, module_name)
 
 
-__all__ = ["QUANT_CHOICES", "BaseWeightMemory", "attach_qlora", "base_weight_memory", "dense_linear",
+__all__ = ["QUANT_CHOICES", "BaseWeightMemory", "QLoraConfig", "attach_qlora", "base_weight_memory", "dense_linear",
            "dense_weight", "dequantize_base", "dequantize_weight", "is_quantized", "quantize_base",
            "quantize_linear"]

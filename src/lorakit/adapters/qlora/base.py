@@ -96,6 +96,11 @@ def quantize_linear(module: nn.Module, quantization: str = "nf4", compute_dtype=
         raise LorakitError(f"unknown quantization '{quantization}'; valid choices: {', '.join(QUANT_CHOICES)}")
     if bias is not None:
         layer.bias = nn.Parameter(bias.clone(), requires_grad=False)
+    # bitsandbytes' CPU path repacks a 4-bit weight in place the first time it runs in eval mode
+    # without grad (an AVX512-BF16 layout, absmax un-nested to bf16): it fails for in_features < 64,
+    # its result bypasses autograd if training resumes, and dequantize_4bit no longer reads it.
+    # Keep the one canonical layout.
+    layer.support_avx512bf16_for_cpu = False
     try:
         layer = layer.to(device)  # bitsandbytes quantizes when the weight is moved to a device
     except (RuntimeError, NotImplementedError) as err:
