@@ -65,15 +65,17 @@ def dora_row_norm_dense(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tens
 
 
 class _MagnitudeScale(torch.autograd.Function):
-    """out = g ⊙ z over the last dim; z: (..., out), g: (out,).
+    """out = (g ⊙ z).to(out_dtype) over the last dim; z: (..., out), g: (out,).
 
     Backward needs z for g's gradient. Saving the *output* instead (z = out / g) means the
     tensor is shared with whatever consumes it next (SiLU, the gated product, attention), so
-    DoRA adds almost no activation memory over LoRA. When some g_j is 0, z is saved instead."""
+    DoRA adds almost no activation memory over LoRA. When some g_j is 0, z is saved instead.
+    With a bf16 output (bf16 base), z is recovered at the output's precision, the precision
+    the base's own output has there."""
 
     @staticmethod
-    def forward(ctx, z: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        out = z * g
+    def forward(ctx, z: torch.Tensor, g: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        out = (z * g).to(out_dtype)
         ctx.saved_output = not bool((g == 0).any())
         ctx.save_for_backward(out if ctx.saved_output else z, g)
         return out
@@ -81,17 +83,19 @@ class _MagnitudeScale(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         saved, g = ctx.saved_tensors
+        grad_out = grad_out.to(g.dtype)
         grad_z = grad_out * g if ctx.needs_input_grad[0] else None
         grad_g = None
         if ctx.needs_input_grad[1]:
-            z = saved / g if ctx.saved_output else saved
+            z = saved.to(g.dtype) / g if ctx.saved_output else saved
             grad_g = (grad_out * z).reshape(-1, g.shape[0]).sum(dim=0)
-        return grad_z, grad_g
+        return grad_z, grad_g, None
 
 
-def magnitude_scale(z: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """g ⊙ z broadcast over the last dim; memory-lean in training (see ``_MagnitudeScale``)."""
+def magnitude_scale(z: torch.Tensor, g: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(g ⊙ z).to(out_dtype) broadcast over the last dim; memory-lean in training (see
+    ``_MagnitudeScale``)."""
+    out_dtype = out_dtype or z.dtype
     if torch.is_grad_enabled() and (z.requires_grad or g.requires_grad):
-        return _MagnitudeScale.apply(z, g)
-    return z * g
-
+        return _MagnitudeScale.apply(z, g, out_dtype)
+    return (z * g).to(out_dtype)

@@ -91,10 +91,9 @@ def dora_forward(layer, name: str, x: torch.Tensor, result: torch.Tensor) -> tor
     bias = layer.base_layer.bias
     base_out = result if bias is None else result - bias
     z = torch.add(base_out.to(x.dtype), lora_B(lora_A(x)), alpha=scaling)  # (..., out)
-    out = magnitude_scale(z, g)
-    if bias is not None:
-        out = out + bias.to(out.dtype)
-    return out.to(result.dtype)
+    if bias is None:
+        return magnitude_scale(z, g, result.dtype)  # saves the very tensor it returns
+    return (magnitude_scale(z, g) + bias.to(z.dtype)).to(result.dtype)
 
 
 @torch.no_grad()
