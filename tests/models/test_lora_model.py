@@ -149,3 +149,17 @@ def test_two_adapters_side_by_side_switch_and_delete(tmp_path):
     assert (tmp_path / "other" / "adapter_config.json").is_file()  # peft: non-default adapters in subfolders
     model.delete_adapter("other")
     assert torch.equal(_logits(model, ids), first)
+
+
+@pytest.mark.parametrize("targets", ["all-linear", r".*\.(q_proj|v_proj)", ["q_proj", "v_proj"]])
+def test_second_adapter_targets_wrappers_not_their_insides(targets):
+    ids = sample_input_ids()
+    model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules=targets, init_lora_weights=False))
+    layers_before = [n for n, _ in model.adapter_layers()]
+    model.add_adapter("second", LoraConfig(r=2, target_modules=targets, init_lora_weights=False))
+    assert [n for n, _ in model.adapter_layers()] == layers_before
+    reference = get_peft_model(tiny_model("llama"), LoraConfig(r=2, target_modules=targets))
+    with torch.no_grad():
+        for key, param in reference.adapter_state_dict().items():
+            param.copy_(model.adapter_state_dict("second")[key])
+    torch.testing.assert_close(_logits(model, ids), _logits(reference, ids), atol=1e-5, rtol=0)

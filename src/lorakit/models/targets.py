@@ -54,8 +54,20 @@ def output_head_names(model: nn.Module) -> set[str]:
     return names | {"lm_head"}
 
 
+def inside_adapter_wrapper(name: str) -> bool:
+    """True for modules an adapter wrapper owns ("q_proj.base_layer", "q_proj.lora_A.x", ...):
+    a second adapter must target the wrapper, never its insides."""
+    return any(part in ("base_layer", "original_module", "modules_to_save") or part.startswith("lora_")
+               for part in name.split("."))
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    """A Linear / Conv1D, or an adapter wrapper around one (to add a second adapter)."""
+    return isinstance(module, SUPPORTED_BASE_TYPES) or isinstance(getattr(module, "base_layer", None), nn.Module)
+
+
 def linear_layer_names(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, SUPPORTED_BASE_TYPES)]
+    return [n for n, m in model.named_modules() if is_adaptable(m) and not inside_adapter_wrapper(n)]
 
 
 def _short_names(names: list[str]) -> str:
@@ -79,10 +91,10 @@ def find_target_modules(model: nn.Module, config) -> list[str]:
     keep = set(config.modules_to_save or [])
     selected = []
     for name, module in model.named_modules():
-        if not name or any(name == k or name.endswith("." + k) or f".{k}." in f".{name}." for k in keep):
+        if not name or inside_adapter_wrapper(name) or any(f".{k}." in f".{name}." for k in keep):
             continue
         if all_linear:
-            if not isinstance(module, SUPPORTED_BASE_TYPES) or name in heads:
+            if not is_adaptable(module) or name in heads:
                 continue
         elif not name_matches(targets, name):
             continue
