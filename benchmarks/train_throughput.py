@@ -9,7 +9,7 @@ Each side runs in a fresh subprocess, one after the other, so peak memory is eac
 peak resident set size (``ru_maxrss``: model load + training; CPU, so no allocator stats).
 tokens/s counts the non-padding input tokens of the training steps, excluding step 1 (warm-up).
 
-    python benchmarks/train_throughput.py [--steps 8] [key=value overrides for the config]
+    python benchmarks/train_throughput.py [--steps 6] [key=value overrides for the config]
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def _child(side: str, steps: int, overrides: list[str]) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--only", choices=["lorakit", "peft"], help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()

@@ -66,3 +66,32 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_llama_dir, tmp_path):
     for key in ours:
         torch.testing.assert_close(ours[key], theirs[key], atol=1e-5, rtol=1e-4)
     assert any(theirs[k].abs().max() > 0 for k in theirs if "lora_B" in k)  # training moved B off zero
+
+
+def test_gradient_checkpointing_gives_the_same_losses(tiny_llama_dir, tmp_path):
+    def run(name, **args):
+        data = tiny_config_dict(tiny_llama_dir, tmp_path, tmp_path / name, max_steps=2, batch_size=2, **args)
+        data["data"]["max_seq_len"] = 96
+        return train(TrainingConfig.from_dict(data), progress=False).losses
+
+    plain, checkpointed = run("plain"), run("ckpt", grad_checkpointing=True)
+    assert checkpointed == pytest.approx(plain, abs=1e-6)
+
+
+def test_bf16_precision_keeps_base_in_bf16_and_adapters_and_optimizer_in_fp32(tiny_llama_dir, tmp_path):
+    from lorakit.training.loop import inject_adapters, load_base
+    from lorakit.training.optim import make_optimizer
+
+    data = tiny_config_dict(tiny_llama_dir, tmp_path, tmp_path / "bf16", precision="bf16")
+    config = TrainingConfig.from_dict(data)
+    base, _ = load_base(config)
+    model = inject_adapters(base, config, total_steps=1)
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    trainable = {p.dtype for p in model.parameters() if p.requires_grad}
+    assert frozen == {torch.bfloat16} and trainable == {torch.float32}
+    optimizer = make_optimizer(model, 1e-3, 0.0)
+    ids = torch.randint(3, 1000, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    states = [s for s in optimizer.state.values()]
+    assert states and all(s["exp_avg"].dtype == torch.float32 for s in states)

@@ -15,11 +15,15 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    import os
+
     from lorakit.config import load_config
     from lorakit.training import train
 
     config = load_config(args.config, args.overrides)
     result = train(config, progress=not args.no_progress)
+    if os.environ.get("RANK", "0") != "0":  # one summary line under torchrun / accelerate launch
+        return 0
     parts = [f"trained {result.global_step} steps"]
     if result.train_loss is not None:
         parts.append(f"final train loss {result.train_loss:.4f}")

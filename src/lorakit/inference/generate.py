@@ -62,18 +62,21 @@ def is_chat_model(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def build_prompt(tokenizer, prompt: str | list[dict], system: str | None = None, raw: bool = False) -> str:
-    """Prompt text: a string as one user turn (plus ``system``) through the chat template, a
-    message list as is; ``raw=True`` (or a tokenizer without a template) uses the string verbatim."""
+def build_prompt(tokenizer, prompt: str | list[dict], system: str | None = None,
+                 raw: bool = False) -> tuple[str, bool]:
+    """(prompt text, whether it was rendered through a chat template). A string becomes one user
+    turn (after ``system``) for a tokenizer with a chat template; ``raw=True``, or a tokenizer
+    without one, sends the string verbatim. A message list always goes through ``render_chat``
+    (its fallback template for tokenizers without one: what training used)."""
     from lorakit.data import render_chat
 
     if isinstance(prompt, str):
         if raw or not is_chat_model(tokenizer):
-            return prompt
+            return prompt, False
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     else:
         messages = prompt
-    return render_chat(tokenizer, messages, add_generation_prompt=True)
+    return render_chat(tokenizer, messages, add_generation_prompt=True), True
 
 
 @torch.no_grad()
@@ -82,9 +85,9 @@ def generate(model, tokenizer, prompt: str | list[dict], settings: GenerationSet
     """The model's reply to ``prompt`` (only the new text). ``stream=True`` also prints tokens to
     stdout as they are produced (transformers' TextStreamer)."""
     settings = settings or GenerationSettings()
-    text = build_prompt(tokenizer, prompt, system, raw)
-    # The chat template already contains the special tokens (e.g. BOS); do not add them twice.
-    encoded = tokenizer(text, return_tensors="pt", add_special_tokens=not (is_chat_model(tokenizer) and not raw))
+    text, templated = build_prompt(tokenizer, prompt, system, raw)
+    # A rendered template already contains its special tokens (e.g. BOS); do not add them twice.
+    encoded = tokenizer(text, return_tensors="pt", add_special_tokens=not templated)
     device = next(model.parameters()).device
     input_ids = encoded["input_ids"].to(device)
     streamer = None

@@ -18,6 +18,8 @@ step (the RNG state captured at that step's end) and re-raises KeyboardInterrupt
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import threading
 import time
@@ -165,6 +167,38 @@ def _evaluate(model, batches: list[dict], accelerator) -> dict:
     return loss_and_ppl(total, int(count))
 
 
+def _start_or_resume(config, model, optimizer, scheduler, eval_batches, accelerator, metrics: MetricsLog,
+                     result: TrainResult, total: int) -> int:
+    """Restore the checkpoint ``train.resume`` names (returns its step), or start a fresh log
+    with an evaluation of the untrained adapter (= the base model) and return 0."""
+    out, main = Path(config.output_dir), accelerator.is_main_process
+    resume_from = _resume_dir(config.train.resume, out, accelerator)
+    if resume_from is not None:
+        state = json.loads((resume_from / ckpt.STATE_NAME).read_text())
+        _check_resume_config(state["config"], config.to_dict(), resume_from)
+        ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, accelerator.process_index)
+        result.tokens_seen, result.initial_eval_loss = state["tokens_seen"], state.get("initial_eval_loss")
+        if state.get("total_steps") != total:
+            _log(accelerator, f"resume: the run now has {total} steps (was {state.get('total_steps')}); "
+                              f"the lr schedule is stretched accordingly")
+        if main:
+            metrics.truncate_after(state["global_step"])
+        _log(accelerator, f"resumed from {resume_from} at step {state['global_step']}")
+        return state["global_step"]
+    if ckpt.latest_checkpoint(out) is not None:
+        _log(accelerator, f"note: {out / ckpt.CHECKPOINTS} holds checkpoints of an earlier run; this run starts "
+                          f"from step 0 (set train.resume=true to continue instead)")
+    if main:
+        metrics.path.unlink(missing_ok=True)
+    if eval_batches:
+        first = _evaluate(model, eval_batches, accelerator)
+        result.initial_eval_loss = first["loss"]
+        if main:
+            metrics.append({"step": 0, "eval_loss": first["loss"], "eval_ppl": first["ppl"]})
+        _log(accelerator, f"eval before training: loss {first['loss']:.4f}, ppl {first['ppl']:.2f}")
+    return 0
+
+
 # --- the loop ------------------------------------------------------------------------------
 
 def train(config: TrainingConfig, progress: bool = True) -> TrainResult:
@@ -177,7 +211,9 @@ def train(config: TrainingConfig, progress: bool = True) -> TrainResult:
     from lorakit.data import build_datasets, make_batches, verify_packing
 
     args, out = config.train, Path(config.output_dir)
-    accelerator = Accelerator()
+    # Several CPU processes (torchrun / accelerate launch without GPUs) need cpu=True for gloo DDP.
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(cpu=multi_cpu)
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
 
     set_seed(args.seed)
@@ -196,7 +232,11 @@ def train(config: TrainingConfig, progress: bool = True) -> TrainResult:
     if config.data.packing:
         verify_packing(model)
     if args.grad_checkpointing:
-        model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lm = model.model  # recent transformers rename gradient_checkpointing_enable
+        if hasattr(lm, "activation_checkpointing_enable"):
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable, all_params = model.get_nb_trainable_parameters()
     _log(accelerator, f"{config.method} on {config.model}: {trainable:,} trainable of {all_params:,} parameters; "
                       f"{total} steps of {args.batch_size} x {args.grad_accum} x {world} samples")
@@ -204,32 +244,11 @@ def train(config: TrainingConfig, progress: bool = True) -> TrainResult:
     optimizer = make_optimizer(model, args.lr, args.weight_decay, args.loraplus_lr_ratio)
     scheduler = make_scheduler(optimizer, total, args.warmup_ratio, args.scheduler)
     ddp_model, optimizer = accelerator.prepare(model, optimizer)
-    config_dict = config.to_dict()
+    config_dict = config.to_dict()  # recorded in checkpoints, compared on resume
 
     metrics = MetricsLog(out)
     result = TrainResult(output_dir=out, global_step=0)
-    step = 0
-    resume_from = _resume_dir(args.resume, out, accelerator)
-    if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, rank)
-        _check_resume_config(state["config"], config_dict, resume_from)
-        step, result.tokens_seen = state["global_step"], state["tokens_seen"]
-        result.initial_eval_loss = state.get("initial_eval_loss")
-        if state.get("total_steps") != total:
-            _log(accelerator, f"resume: the run now has {total} steps (was {state.get('total_steps')}); "
-                              f"the lr schedule is stretched accordingly")
-        if main:
-            metrics.truncate_after(step)
-        _log(accelerator, f"resumed from {resume_from} at step {step}")
-    else:
-        if main:
-            metrics.path.unlink(missing_ok=True)
-        if eval_batches:
-            first = _evaluate(model, eval_batches, accelerator)
-            result.initial_eval_loss = first["loss"]
-            if main:
-                metrics.append({"step": 0, "eval_loss": first["loss"], "eval_ppl": first["ppl"]})
-            _log(accelerator, f"eval before training: loss {first['loss']:.4f}, ppl {first['ppl']:.2f}")
+    step = _start_or_resume(config, model, optimizer, scheduler, eval_batches, accelerator, metrics, result, total)
 
     def save(at_step: int, rng_state: dict, gather: bool = True) -> None:
         states = gather_object([rng_state]) if (gather and world > 1) else [rng_state] * world
@@ -239,7 +258,8 @@ def train(config: TrainingConfig, progress: bool = True) -> TrainResult:
                 "global_step": at_step, "epoch": epoch, "step_in_epoch": None if start is None else at_step - start,
                 "total_steps": total, "tokens_seen": result.tokens_seen,
                 "initial_eval_loss": result.initial_eval_loss, "config": config_dict})
-        accelerator.wait_for_everyone()
+        if gather:  # after Ctrl-C the other processes may not reach a barrier
+            accelerator.wait_for_everyone()
 
     model.train()
     bar = tqdm(total=total, initial=step, disable=not (progress and main), unit="step", dynamic_ncols=True)

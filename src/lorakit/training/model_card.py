@@ -50,7 +50,7 @@ model = PeftModel.from_pretrained(base_model, "{output_dir}")
 - trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)
 - train data: `{config.data.train}`; eval data: `{config.data.eval or (f'{config.data.eval_ratio:.0%} of train' if config.data.eval_ratio else 'none')}`
 - {stats}
-- steps: {result.global_step}, tokens seen: {result.tokens_seen:,}, wall time: {result.elapsed_s:.0f} s
+- steps: {result.global_step}, tokens seen: {result.tokens_seen:,}, time in training steps: {result.elapsed_s:.0f} s
 
 ## Results
 
