@@ -3,10 +3,9 @@ per-row magnitude m. Selected with ``LoraConfig(use_dora=True)`` (peft's switch)
 calls into ``layer`` for the forward, init and merge of DoRA adapters; the math is in
 ``functional``."""
 
-from lorakit.adapters.dora.functional import dora_row_norm, magnitude_scale, row_sq_norm
+from lorakit.adapters.dora.functional import dora_combine, dora_row_norm, row_sq_norm
 from lorakit.adapters.dora.layer import (DoraMagnitude, dora_forward, dora_merge_delta, dora_unmerge_delta,
                                          init_dora)
 
-__all__ = ["DoraMagnitude", "dora_forward", "dora_merge_delta", "dora_row_norm", "dora_unmerge_delta",
-           "init_dora",
-           "magnitude_scale", "row_sq_norm"]
+__all__ = ["DoraMagnitude", "dora_combine", "dora_forward", "dora_merge_delta", "dora_row_norm", "dora_unmerge_delta",
+           "init_dora", "row_sq_norm"]

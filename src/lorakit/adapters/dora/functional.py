@@ -37,7 +37,7 @@ def _row_chunks(weight: torch.Tensor):
 @torch.no_grad()
 def row_sq_norm(weight: torch.Tensor) -> torch.Tensor:
     """||W_j||² for each output row j of W (out, in) -> (out,), in at least fp32."""
-    return torch.cat([block.pow(2).sum(dim=1) for block in _row_chunks(weight)])
+    return torch.cat([torch.linalg.vector_norm(block, dim=1).square() for block in _row_chunks(weight)])
 
 
 @torch.no_grad()
@@ -64,38 +64,50 @@ def dora_row_norm_dense(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tens
     return torch.linalg.vector_norm(weight.float() + delta.float(), dim=1)
 
 
-class _MagnitudeScale(torch.autograd.Function):
-    """out = (g ⊙ z).to(out_dtype) over the last dim; z: (..., out), g: (out,).
+class _DoraCombine(torch.autograd.Function):
+    """y = g ⊙ ((base - b) + s·lora) + b over the last dim, in one autograd node.
 
-    Backward needs z for g's gradient. Saving the *output* instead (z = out / g) means the
-    tensor is shared with whatever consumes it next (SiLU, the gated product, attention), so
-    DoRA adds almost no activation memory over LoRA. When some g_j is 0, z is saved instead.
-    With a bf16 output (bf16 base), z is recovered at the output's precision, the precision
-    the base's own output has there."""
-
-    @staticmethod
-    def forward(ctx, z: torch.Tensor, g: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        out = (z * g).to(out_dtype)
-        ctx.saved_output = not bool((g == 0).any())
-        ctx.save_for_backward(out if ctx.saved_output else z, g)
-        return out
+    base: (..., out) the base output (bias included), lora: (..., out) = B A x, g: (out,).
+    Backward needs z = (base - b) + s·lora only for g's gradient, Σ_tokens ∂y ⊙ z. Without a
+    bias that is Σ ∂y ⊙ y / g, so the node saves its *output*, which the next op (SiLU, the gated
+    product, attention) keeps anyway: DoRA then adds almost no activation memory over LoRA, and
+    neither ``base`` nor ``lora`` is kept. With a bias (or some g_j = 0) z itself is saved.
+    With a bf16 output (bf16 base) z is recovered at the output's precision, the precision of
+    the base's own output there."""
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
+    def forward(ctx, base, lora, g, scaling: float, bias, out_dtype):
+        z = torch.add(base.to(lora.dtype) if bias is None else base.to(lora.dtype) - bias, lora, alpha=scaling)
+        ctx.scaling, ctx.base_dtype = scaling, base.dtype
+        ctx.saved_output = bias is None and not bool((g == 0).any())
+        if ctx.saved_output:
+            out = z.mul_(g).to(out_dtype)  # z's buffer becomes the output
+            ctx.save_for_backward(out, g)
+            return out
+        ctx.save_for_backward(z, g)
+        return torch.addcmul(bias.to(z.dtype), z, g).to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
         saved, g = ctx.saved_tensors
         grad_out = grad_out.to(g.dtype)
-        grad_z = grad_out * g if ctx.needs_input_grad[0] else None
+        grad_base = grad_out * g  # (..., out)
+        grad_lora = grad_base * ctx.scaling if ctx.needs_input_grad[1] else None
         grad_g = None
-        if ctx.needs_input_grad[1]:
-            z = saved.to(g.dtype) / g if ctx.saved_output else saved
-            grad_g = (grad_out * z).reshape(-1, g.shape[0]).sum(dim=0)
-        return grad_z, grad_g, None
+        if ctx.needs_input_grad[2]:
+            grad_g = (grad_out * saved.to(g.dtype)).reshape(-1, g.shape[0]).sum(dim=0)  # Σ ∂y ⊙ (y or z)
+            if ctx.saved_output:
+                grad_g = grad_g / g
+        return grad_base.to(ctx.base_dtype), grad_lora, grad_g, None, None, None
 
 
-def magnitude_scale(z: torch.Tensor, g: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """(g ⊙ z).to(out_dtype) broadcast over the last dim; memory-lean in training (see
-    ``_MagnitudeScale``)."""
-    out_dtype = out_dtype or z.dtype
-    if torch.is_grad_enabled() and (z.requires_grad or g.requires_grad):
-        return _MagnitudeScale.apply(z, g, out_dtype)
-    return (z * g).to(out_dtype)
+def dora_combine(base: torch.Tensor, lora: torch.Tensor, g: torch.Tensor, scaling: float,
+                 bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """g ⊙ ((base - b) + s·lora) + b in ``out_dtype`` (default: base's dtype); base, lora: (..., out),
+    g: (out,). Memory-lean in training (see ``_DoraCombine``)."""
+    out_dtype = out_dtype or base.dtype
+    if torch.is_grad_enabled() and (base.requires_grad or lora.requires_grad or g.requires_grad):
+        return _DoraCombine.apply(base, lora, g, scaling, bias, out_dtype)
+    base = base.to(lora.dtype)
+    z = torch.add(base if bias is None else base - bias, lora, alpha=scaling)
+    return (z.mul_(g) if bias is None else torch.addcmul(bias.to(z.dtype), z, g)).to(out_dtype)

@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.adapters.dora.functional import (dora_row_norm, dora_row_norm_dense, magnitude_scale,
-                                              row_sq_norm)
+from lorakit.adapters.dora.functional import dora_combine, dora_row_norm, dora_row_norm_dense, row_sq_norm
 from lorakit.adapters.lora.functional import delta_weight
 from lorakit.adapters.qlora.base import dense_weight
 
@@ -86,14 +85,9 @@ def dora_forward(layer, name: str, x: torch.Tensor, result: torch.Tensor) -> tor
         x = dropout(x)
         W = dense_weight(layer.base_layer)
         base_dropped = F.linear(x.to(W.dtype), W).to(x.dtype)  # (..., out), no bias
-        z = torch.add(base_dropped, lora_B(lora_A(x)), alpha=scaling)
-        return result + (magnitude_scale(z, g) - base_dropped).to(result.dtype)
-    bias = layer.base_layer.bias
-    base_out = result if bias is None else result - bias
-    z = torch.add(base_out.to(x.dtype), lora_B(lora_A(x)), alpha=scaling)  # (..., out)
-    if bias is None:
-        return magnitude_scale(z, g, result.dtype)  # saves the very tensor it returns
-    return (magnitude_scale(z, g) + bias.to(z.dtype)).to(result.dtype)
+        scaled = dora_combine(base_dropped, lora_B(lora_A(x)), g, scaling)  # g ⊙ (W x̃ + s·B A x̃)
+        return result + (scaled - base_dropped).to(result.dtype)
+    return dora_combine(result, lora_B(lora_A(x)), g, scaling, layer.base_layer.bias)  # (..., out)
 
 
 @torch.no_grad()
