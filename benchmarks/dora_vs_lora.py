@@ -6,10 +6,12 @@ forward + backward + optimizer step + zero_grad. Four configurations:
 
   lorakit LoRA   lorakit DoRA   peft LoRA   peft DoRA
 
-    python benchmarks/dora_vs_lora.py [--warmup 2] [--steps 5] [--threads N]
+    python benchmarks/dora_vs_lora.py [--warmup 2] [--steps 5] [--threads N] [--repeats R]
 
 Each configuration runs in its own fresh subprocess (so one cannot inherit another's heap).
-Step time: median of the timed steps. Peak memory (CPU, Linux): the process's peak resident
+Step time: median of the timed steps; with --repeats R the configurations run R times in
+alternating order (A B C D, D C B A, ...) and the fastest median counts, which damps the noise
+of a shared machine (memory: the lowest peak). Peak memory (CPU, Linux): the process's peak resident
 set size (VmHWM). After the model is loaded and the adapters injected, the subprocess resets
 the high-water mark (``echo 5 > /proc/self/clear_refs``) and reads VmRSS; after the steps it
 reads VmHWM. "peak RSS" is that high-water mark (weights + activations + gradients + optimizer
@@ -86,6 +88,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one config, print JSON
     args = parser.parse_args()
 
@@ -98,20 +101,31 @@ def main() -> None:
         print("RESULT " + json.dumps(_run_one(library, dora == "dora", args.warmup, args.steps)))
         return
 
-    results = []
-    for library, use_dora in CONFIGS:
+    runs: dict[tuple, list] = {}
+    order = []
+    for r in range(args.repeats):
+        order += CONFIGS if r % 2 == 0 else CONFIGS[::-1]
+    for library, use_dora in order:
         command = [sys.executable, __file__, "--one", f"{library}:{'dora' if use_dora else 'lora'}",
                    "--warmup", str(args.warmup), "--steps", str(args.steps), "--threads", str(args.threads)]
         out = subprocess.run(command, capture_output=True, text=True)
         line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
         if out.returncode or not line:
             sys.exit(f"{library} {'DoRA' if use_dora else 'LoRA'} failed:\n{out.stderr[-3000:]}")
-        results.append(json.loads(line[0][len("RESULT "):]))
+        runs.setdefault((library, use_dora), []).append(json.loads(line[0][len("RESULT "):]))
         print(f"  done: {library} {'DoRA' if use_dora else 'LoRA'}", file=sys.stderr)
+    results = []
+    for key in CONFIGS:
+        best = dict(min(runs[key], key=lambda r: r["step_s"]))
+        best["peak_rss_mib"] = min(r["peak_rss_mib"] for r in runs[key])
+        best["train_peak_mib"] = min(r["train_peak_mib"] for r in runs[key])
+        best["times"] = [t for r in runs[key] for t in r["times"]]
+        results.append(best)
 
     base = {r["library"]: r for r in results if not r["dora"]}
     print(f"\nSmolLM2-135M fp32, all-linear r={RANK}, batch {BATCH}x{SEQ}, AdamW; "
-          f"median of {args.steps} steps after {args.warmup} warmup; threads={args.threads or 'default'}\n")
+          f"median of {args.steps} steps after {args.warmup} warmup, best of {args.repeats} runs; "
+          f"threads={args.threads or 'default'}\n")
     header = (f"{'config':<14}{'step s':>8}{'vs own LoRA':>13}{'peak RSS MiB':>14}{'vs own LoRA':>13}"
               f"{'train peak MiB':>16}{'vs own LoRA':>13}{'trainable':>11}{'loss first->last':>20}")
     print(header)
