@@ -5,9 +5,12 @@ model's linear layers into bitsandbytes layers, and the ordinary LoraLayer wraps
 ``qlora`` method in the registry (config ``QLoraConfig``: LoraConfig plus quantization,
 compute_dtype, double_quant) is LoRA with that step folded into attaching: a target layer that
 is not quantized yet is quantized as it is wrapped. With ``target_modules: all-linear`` that is
-every linear layer but the output head, i.e. QLoRA; with fewer targets call ``quantize_base``
-on the whole model first to quantize the others too. The saved adapter is a plain LoRA
-adapter (peft_type LORA; the quantization keys are not written).
+every linear layer but the output head. The embedding and the output head (one table when
+tied) are quantized by ``quantize_base`` (``quantize_embeddings``, on by default for 4-bit; see
+base.py for why), not by attaching, which sees one layer at a time: call
+``config.prepare_base(model)`` (= ``quantize_base`` with the config's settings) on the base
+before injecting to quantize the whole base. The saved adapter is a plain LoRA adapter
+(peft_type LORA; the quantization keys are not written).
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from torch import nn
 
 from lorakit.adapters.qlora.base import (QUANT_CHOICES, BaseWeightMemory, base_weight_memory, dense_linear,
                                          dense_weight, dequantize_base, dequantize_weight, is_quantized,
-                                         quantize_base, quantize_linear)
+                                         quantize_base, quantize_embedding_and_head, quantize_linear)
+from lorakit.adapters.qlora.embedding import QuantizedEmbedding
 from lorakit.adapters.qlora.config import QLoraConfig
 
 
@@ -33,6 +37,6 @@ def attach_qlora(module: nn.Module, adapter_name: str, config: QLoraConfig, modu
     return attach_lora(module, adapter_name, config, module_name)
 
 
-__all__ = ["QUANT_CHOICES", "BaseWeightMemory", "QLoraConfig", "attach_qlora", "base_weight_memory", "dense_linear",
+__all__ = ["QUANT_CHOICES", "BaseWeightMemory", "QLoraConfig", "QuantizedEmbedding", "attach_qlora", "base_weight_memory", "dense_linear",
            "dense_weight", "dequantize_base", "dequantize_weight", "is_quantized", "quantize_base",
-           "quantize_linear"]
+           "quantize_embedding_and_head", "quantize_linear"]

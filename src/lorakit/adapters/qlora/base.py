@@ -9,8 +9,19 @@ themselves 8-bit quantized (blocks of 256, one fp32 scale each), so storage is a
 
 The base computes in ``compute_dtype`` (bf16) while the adapters stay fp32 (LoraLayer casts
 the input to the adapter dtype). An 8-bit base (``Linear8bitLt``, LLM.int8 with per-row
-absmax scales) is available too. The output head stays dense (it is usually tied to the
-embedding, as in transformers' own 4-bit loading).
+absmax scales) is available too.
+
+Embeddings (``quantize_embeddings``, on by default for 4-bit): the input embedding becomes a
+``QuantizedEmbedding`` (embedding.py) holding its table in the same NF4 format, and the output head
+a ``Linear4bit``; a head tied to the embedding shares the very same quantized parameter, so the
+table is stored once, in 4 bits. The QLoRA paper (and transformers' 4-bit loading) keep both in
+16-bit, which costs little in a 7B model (the 32k x 4096 table is 2% of it) but dominates a small
+model with a large vocabulary: SmolLM2-135M's tied 49152 x 576 table is 28% of its weights, and
+kept in bf16 it holds the whole base at about 0.42x of bf16 instead of 0.26x. The price is NF4
+error on the logits' weight and one dequantization of the table per forward and backward (as for
+every 4-bit layer); ``quantize_embeddings=False`` keeps them dense. An int8 base keeps its
+embeddings dense: bitsandbytes' int8 layer moves its row scales on the first forward, so a
+table cannot be shared with a tied head.
 
 bitsandbytes is imported lazily: only functions that create or read quantized layers need it.
 """
@@ -18,11 +29,13 @@ bitsandbytes is imported lazily: only functions that create or read quantized la
 from __future__ import annotations
 
 import sys
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from lorakit.adapters.qlora.embedding import QuantizedEmbedding
 from lorakit.errors import LorakitError
 
 QUANT_CHOICES = ("nf4", "fp4", "int8")
@@ -37,7 +50,10 @@ def _bnb():
 
 
 def is_quantized(module: nn.Module) -> bool:
-    """True for a bitsandbytes 4-bit or 8-bit linear layer (no import when bnb is unused)."""
+    """True for a bitsandbytes 4-bit or 8-bit linear layer or a QuantizedEmbedding (no import
+    when bnb is unused)."""
+    if isinstance(module, QuantizedEmbedding):
+        return True
     if "bitsandbytes" not in sys.modules:
         return False
     bnb_nn = sys.modules["bitsandbytes"].nn
@@ -45,11 +61,12 @@ def is_quantized(module: nn.Module) -> bool:
 
 
 def dequantize_weight(module: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The dense weight (out, in) of a quantized linear layer (a fresh tensor, no grad)."""
+    """The dense weight (out, in) of a quantized linear layer, or the (num, dim) table of a
+    QuantizedEmbedding (a fresh tensor, no grad)."""
     bnb = _bnb()
     weight = module.weight
     with torch.no_grad():
-        if isinstance(module, bnb.nn.Linear4bit):
+        if isinstance(module, (bnb.nn.Linear4bit, QuantizedEmbedding)):
             dense = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
         elif isinstance(module, bnb.nn.Linear8bitLt):
             scb = weight.SCB if weight.SCB is not None else module.state.SCB
@@ -134,16 +151,74 @@ def _output_head_ids(model: nn.Module) -> set[int]:
     return {id(head)} if head is not None else set()
 
 
+def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put ``new`` wherever ``old`` sits in ``model`` (a tied module may sit under several names)."""
+    names = [n for n, m in model.named_modules(remove_duplicate=False) if m is old and n]
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _table_as_linear(weight: torch.Tensor) -> nn.Linear:
+    """An nn.Linear (dim -> num) viewing an embedding table (num, dim), to quantize it as one."""
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    layer.weight = nn.Parameter(weight.detach(), requires_grad=False)
+    return layer
+
+
+def quantize_embedding_and_head(model: nn.Module, quantization: str = "nf4", compute_dtype=torch.bfloat16,
+                                double_quant: bool = True, strict: bool = True) -> nn.Module:
+    """Quantize the input embedding (a QuantizedEmbedding) and the output head (a Linear4bit) of
+    ``model`` in place, 4-bit only; a head tied to the embedding shares its quantized parameter.
+    Layers already quantized are left alone; returns ``model``. An embedding or head of another
+    type (Gemma's scaled embedding) is an error, or with ``strict=False`` a warning that leaves
+    that pair dense."""
+    if quantization not in ("nf4", "fp4"):
+        raise LorakitError(f"quantized embeddings need a 4-bit quantization (nf4 or fp4), not '{quantization}'; "
+                           "set quantize_embeddings to false")
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = getattr(head, "base_layer", head)  # a LoraLayer on the head: quantize its base
+    for what, module, kind in (("input embedding", embedding, nn.Embedding), ("output head", head, nn.Linear)):
+        if module is not None and type(module) is not kind and not is_quantized(module):
+            message = (f"cannot quantize the {what} {type(module).__name__} (only {kind.__name__}); "
+                       "set quantize_embeddings to false")
+            if strict:
+                raise LorakitError(message)
+            warnings.warn(f"lorakit: {message}; the embedding and the output head stay dense", stacklevel=3)
+            return model
+    tied = embedding is not None and head is not None and head.weight is embedding.weight
+    quantized_head = None
+    if head is not None and type(head) is nn.Linear:
+        quantized_head = quantize_linear(head, quantization, compute_dtype, double_quant)
+        _replace(model, head, quantized_head)
+    if embedding is not None and type(embedding) is nn.Embedding:
+        if tied:  # one table: the embedding reads the head's 4-bit codes
+            table = quantized_head.weight
+        else:
+            table = quantize_linear(_table_as_linear(embedding.weight), quantization, compute_dtype,
+                                    double_quant).weight
+        _replace(model, embedding, QuantizedEmbedding(table, embedding.padding_idx))
+    return model
+
+
 def quantize_base(model: nn.Module, quantization: str = "nf4", compute_dtype="bfloat16",
-                  double_quant: bool = True, skip_modules: tuple[str, ...] = ("lm_head",)) -> nn.Module:
+                  double_quant: bool = True, skip_modules: tuple[str, ...] = ("lm_head",),
+                  quantize_embeddings: bool | None = None) -> nn.Module:
     """Replace every Linear / Conv1D of ``model`` (except the output head and ``skip_modules``)
     by a frozen bitsandbytes layer, in place; also the base layers inside LoraLayers.
+    ``quantize_embeddings`` (default None: True for nf4 / fp4 where the model's embedding is a
+    plain nn.Embedding, else False with a warning; int8: False): quantize the input
+    embedding and the output head too (see the module docstring and ``quantize_embedding_and_head``).
     Returns ``model``. Adapters keep their fp32 weights."""
     from lorakit.models.load import resolve_dtype
 
     if quantization not in QUANT_CHOICES:
         raise LorakitError(f"unknown quantization '{quantization}'; valid choices: {', '.join(QUANT_CHOICES)}")
     compute_dtype = resolve_dtype(compute_dtype)
+    strict = quantize_embeddings is not None  # asked for explicitly: an unsupported embedding is an error
+    if quantize_embeddings is None:
+        quantize_embeddings = quantization != "int8"
     heads = _output_head_ids(model)
     targets = []
     for name, module in model.named_modules():
@@ -158,25 +233,44 @@ def quantize_base(model: nn.Module, quantization: str = "nf4", compute_dtype="bf
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, quantize_linear(getattr(parent, child), quantization, compute_dtype, double_quant))
+    if quantize_embeddings:
+        quantize_embedding_and_head(model, quantization, compute_dtype, double_quant, strict)
     for _, module in model.named_modules():  # a LoraLayer over a Conv1D now wraps a Linear
         if hasattr(module, "fan_in_fan_out") and hasattr(module, "base_layer") and is_quantized(module.base_layer):
             module.fan_in_fan_out = False
     return model
 
 
+def _dense_embedding(module: QuantizedEmbedding, dtype: torch.dtype) -> nn.Embedding:
+    table = dequantize_weight(module, torch.float32).to(dtype)
+    layer = nn.Embedding(module.num_embeddings, module.embedding_dim, module.padding_idx,
+                         device=table.device, dtype=dtype)
+    layer.weight = nn.Parameter(table, requires_grad=False)
+    return layer
+
+
 def dequantize_base(model: nn.Module, dtype=None) -> nn.Module:
     """Replace every quantized layer of ``model`` (also inside LoraLayers) by a dense nn.Linear
-    in ``dtype`` (default: the dtype before quantization), in place. Call it before merging to
-    choose the merged model's dtype; merging a quantized layer does this by itself."""
+    (a QuantizedEmbedding by an nn.Embedding) in ``dtype`` (default: the dtype before
+    quantization), in place; layers that shared one quantized weight (a tied embedding and head)
+    share one dense weight. Call it before merging to choose the merged model's dtype; merging a
+    quantized layer does this by itself."""
     from lorakit.models.load import resolve_dtype
 
+    dense_of: dict[int, nn.Parameter] = {}  # id(quantized weight) -> its dense replacement
     for name, module in list(model.named_modules()):
         if not is_quantized(module):
             continue
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
         target = resolve_dtype(dtype) if dtype is not None else dense_dtype(module)
-        setattr(parent, child, dense_linear(module, torch.float32).to(target))
+        if isinstance(module, QuantizedEmbedding):
+            dense = _dense_embedding(module, target)
+        else:
+            dense = dense_linear(module, torch.float32).to(target)
+        shared = dense_of.get(id(module.weight))
+        if shared is not None and shared.shape == dense.weight.shape:
+            dense.weight = shared
+        dense_of.setdefault(id(module.weight), dense.weight)
+        _replace(model, module, dense)
     return model
 
 
@@ -228,6 +322,14 @@ def _quant_state_tensors(module: nn.Module) -> list[torch.Tensor]:
     return tensors
 
 
+def _dense_numel(module: nn.Module) -> int:
+    """How many weights a quantized layer holds (its dense shape's size)."""
+    state = getattr(module.weight, "quant_state", None)
+    if state is not None:
+        return state.shape.numel() if hasattr(state.shape, "numel") else int(torch.Size(state.shape).numel())
+    return module.in_features * module.out_features
+
+
 def base_weight_memory(model: nn.Module) -> BaseWeightMemory:
     """Memory of the base model's weights (adapter tensors excluded; tied tensors counted once)."""
     seen: set[int] = set()
@@ -243,8 +345,10 @@ def base_weight_memory(model: nn.Module) -> BaseWeightMemory:
     for module in model.modules():
         if is_quantized(module):
             layers += 1
-            quantized += once(module.weight) + sum(once(t) for t in _quant_state_tensors(module))
-            quantized_bf16 += module.in_features * module.out_features * 2
+            stored = once(module.weight)
+            quantized += stored + sum(once(t) for t in _quant_state_tensors(module))
+            if stored:  # a tied embedding / head: one table, counted once in both columns
+                quantized_bf16 += _dense_numel(module) * 2
     for name, tensor in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers()):
         if ".lora_" in f".{name}" or ".modules_to_save." in name:
             continue
