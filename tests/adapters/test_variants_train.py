@@ -85,5 +85,7 @@ def test_training_injection_for_method_qlora_quantizes_the_base(tmp_path, smol_t
     model = inject_adapters(load_base(training)[0], training, total_steps=4)
     layers = [layer for _, layer in model.adapter_layers()]
     assert len(layers) == 2 * 7 and all(is_quantized(layer.base_layer) for layer in layers)
-    assert not is_quantized(model.model.lm_head)
+    # the whole base is 4-bit (QLoRA), the output head and embedding too, but the head gets no adapter
+    assert is_quantized(model.model.lm_head) and is_quantized(model.model.model.embed_tokens)
+    assert "lm_head" not in dict(model.adapter_layers())
 

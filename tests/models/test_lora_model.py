@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from tiny_models import sample_input_ids, tiny_model
 from transformers import AutoModelForCausalLM
 
-from lorakit import LoraConfig, get_peft_model, load_adapter
+from lorakit import LoraConfig, LorakitError, get_peft_model, load_adapter
 
 
 def _logits(model, ids):
@@ -163,3 +163,17 @@ def test_second_adapter_targets_wrappers_not_their_insides(targets):
         for key, param in reference.adapter_state_dict().items():
             param.copy_(model.adapter_state_dict("second")[key])
     torch.testing.assert_close(_logits(model, ids), _logits(reference, ids), atol=1e-5, rtol=0)
+
+
+def test_all_linear_with_layers_to_transform_saves_names_peft_accepts(tmp_path):
+    ids = sample_input_ids()
+    ours = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules="all-linear", layers_to_transform=1,
+                                                          init_lora_weights=False))
+    assert {n.split(".")[2] for n, _ in ours.adapter_layers()} == {"1"}
+    ours.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    peft_loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path).eval()
+    torch.testing.assert_close(_logits(peft_loaded, ids), _logits(ours, ids), atol=FP32_ATOL, rtol=0)
+    with pytest.raises(LorakitError):
+        LoraConfig(target_modules=r".*q_proj", layers_to_transform=[1])

@@ -97,7 +97,12 @@ class LoraModel(nn.Module):
         method = method_for_config(config)
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(self.model, "name_or_path", None) or None
+        if hasattr(config, "prepare_base"):  # method hook: QLoRA quantizes the whole base first
+            config.prepare_base(self.model)
         targets = find_target_modules(self.model, config)
+        if config.target_modules == "all-linear" and getattr(config, "layers_to_transform", None) is not None:
+            # peft rejects a string target with layers_to_transform in a saved config; record the names
+            config.target_modules = sorted({name.split(".")[-1] for name in targets})
         for name in targets:
             module = self.model.get_submodule(name)
             replacement = method.attach(module, adapter_name, config, name)

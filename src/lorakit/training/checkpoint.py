@@ -75,7 +75,7 @@ def _to_tuple(value):
 def save_checkpoint(directory: Path, model, optimizer, scheduler, rng_states: list[dict], state: dict) -> Path:
     """Write one checkpoint atomically (call on the main process only)."""
     with atomic_directory(directory) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, convert_pissa_to_lora=False)  # resume needs PiSSA's raw factors
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_states, tmp / "rng_state.pt")

@@ -237,6 +237,10 @@ def train(config: TrainingConfig, progress: bool = True) -> TrainResult:
             lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.method == "qlora":
+        from lorakit.adapters.qlora import base_weight_memory
+
+        _log(accelerator, base_weight_memory(model).summary())
     trainable, all_params = model.get_nb_trainable_parameters()
     _log(accelerator, f"{config.method} on {config.model}: {trainable:,} trainable of {all_params:,} parameters; "
                       f"{total} steps of {args.batch_size} x {args.grad_accum} x {world} samples")

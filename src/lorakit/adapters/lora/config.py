@@ -80,6 +80,10 @@ class LoraConfig:
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
             self.layers_to_transform = [self.layers_to_transform]
+        if self.layers_to_transform is not None and isinstance(self.target_modules, str) \
+                and self.target_modules != "all-linear":
+            raise LorakitError("LoraConfig.layers_to_transform needs target_modules as a list of names (as in "
+                               "peft), not a regex; put the layer numbers in the regex instead")
         for name, rank in self.rank_pattern.items():
             if not isinstance(rank, int) or rank <= 0:
                 raise LorakitError(f"LoraConfig.rank_pattern['{name}'] must be a positive integer, got {rank!r}")
