@@ -12,6 +12,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "LoraConfig": "lorakit.adapters",
+    "AdaLoraConfig": "lorakit.adapters.adalora",
+    "QLoraConfig": "lorakit.adapters.qlora",
     "LoraModel": "lorakit.models.lora_model",
     "LorakitError": "lorakit.errors",
     "get_lora_model": "lorakit.models.inject",
@@ -20,7 +22,7 @@ _EXPORTS = {
     "load_model": "lorakit.models.load",
 }
 
-__all__ = ["LoraConfig", "LoraModel", "LorakitError", "get_lora_model", "get_peft_model",
+__all__ = ["AdaLoraConfig", "LoraConfig", "QLoraConfig", "LoraModel", "LorakitError", "get_lora_model", "get_peft_model",
            "load_adapter", "load_model", "__version__"]
 
 

@@ -265,9 +265,6 @@ class LoraModel(nn.Module):
     def from_pretrained(cls, model: nn.Module, directory: str | Path, adapter_name: str = "default",
                         is_trainable: bool = False) -> "LoraModel":
         """peft's ``PeftModel.from_pretrained(base, dir)``."""
-        data = peft_format.read_adapter_config_dict(directory)
-        method = method_for_peft_type(data["peft_type"])
-        config = method.config_class.from_dict(data, where=str(Path(directory) / peft_format.CONFIG_NAME))
         wrapper = cls.__new__(cls)
         nn.Module.__init__(wrapper)
         wrapper.model = model

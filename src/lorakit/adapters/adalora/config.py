@@ -10,14 +10,13 @@ in the run's step count), where peft requires it at construction.
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from lorakit._dataclass_config import field_names, strict_config
-from lorakit.adapters.lora.config import _PEFT_FEATURES_OFF_ONLY, _PEFT_METADATA_KEYS, BIAS_CHOICES
-from lorakit.errors import LorakitError, unknown_key_error
+from lorakit._dataclass_config import peft_config_dict, peft_config_kwargs, strict_config
+from lorakit.adapters.lora.config import BIAS_CHOICES
+from lorakit.errors import LorakitError
 
 
 def _positive_int(value) -> bool:
@@ -150,26 +149,12 @@ class AdaLoraConfig:
     # --- serialisation in peft's adapter_config.json layout -----------------------------
     def to_dict(self) -> dict[str, Any]:
         """The adapter_config.json content: every field plus ``peft_type``."""
-        data = dataclasses.asdict(self)
-        data["peft_type"] = self.peft_type
-        return data
+        return peft_config_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "AdaLoraConfig") -> "AdaLoraConfig":
-        """Build from a dict (YAML, or a peft adapter_config.json). Unknown keys are errors;
-        peft keys for features lorakit lacks are accepted only when those features are off."""
-        names = field_names(cls)
-        kwargs = {}
-        for key, value in data.items():
-            if key in names:
-                kwargs[key] = value
-            elif key in _PEFT_METADATA_KEYS:
-                continue
-            elif key in _PEFT_FEATURES_OFF_ONLY:
-                if value not in (None, False, {}, []):
-                    raise LorakitError(f"{where}: peft option '{key}' = {value!r} is not supported by lorakit")
-            else:
-                raise unknown_key_error(key, names, where)
+        """Build from a dict (YAML, or a peft adapter_config.json); see ``peft_config_kwargs``."""
+        kwargs = peft_config_kwargs(cls, data, where)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a peft file may carry any r; it is ignored either way
             return cls(**kwargs)

@@ -7,26 +7,14 @@ adapts causal language models only, and invalid values fail at construction with
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from lorakit._dataclass_config import field_names, strict_config
-from lorakit.errors import LorakitError, unknown_key_error
+from lorakit._dataclass_config import peft_config_dict, peft_config_kwargs, strict_config
+from lorakit.errors import LorakitError
 
 BIAS_CHOICES = ("none", "all", "lora_only")
 INIT_CHOICES = (True, False, "gaussian", "pissa")  # and "pissa_niter_<N>"
-
-# Keys peft writes into adapter_config.json that lorakit accepts as metadata.
-_PEFT_METADATA_KEYS = {"peft_type", "auto_mapping", "peft_version", "megatron_core", "qalora_group_size"}
-# Keys of peft features lorakit does not implement: accepted only when switched off.
-_PEFT_FEATURES_OFF_ONLY = {
-    "alora_invocation_tokens", "arrow_config", "corda_config", "eva_config", "kasa_config",
-    "layer_replication", "loftq_config", "lora_bias", "lora_ga_config", "megatron_config",
-    "monteclora_config", "target_parameters", "trainable_token_indices", "use_bdlora",
-    "use_qalora", "velora_config", "ensure_weight_tying",
-}
-
 
 def _is_pissa_niter(value) -> bool:
     return isinstance(value, str) and value.startswith("pissa_niter_") and value[len("pissa_niter_"):].isdigit()
@@ -91,24 +79,9 @@ class LoraConfig:
     # --- serialisation in peft's adapter_config.json layout -----------------------------
     def to_dict(self) -> dict[str, Any]:
         """The adapter_config.json content: every field plus ``peft_type``."""
-        data = dataclasses.asdict(self)
-        data["peft_type"] = self.peft_type
-        return data
+        return peft_config_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "LoraConfig") -> "LoraConfig":
-        """Build from a dict (YAML, or a peft adapter_config.json). Unknown keys are errors;
-        peft keys for features lorakit lacks are accepted only when those features are off."""
-        names = field_names(cls)
-        kwargs = {}
-        for key, value in data.items():
-            if key in names:
-                kwargs[key] = value
-            elif key in _PEFT_METADATA_KEYS:
-                continue
-            elif key in _PEFT_FEATURES_OFF_ONLY:
-                if value not in (None, False, {}, []):
-                    raise LorakitError(f"{where}: peft option '{key}' = {value!r} is not supported by lorakit")
-            else:
-                raise unknown_key_error(key, names, where)
-        return cls(**kwargs)
+        """Build from a dict (YAML, or a peft adapter_config.json); see ``peft_config_kwargs``."""
+        return cls(**peft_config_kwargs(cls, data, where))
