@@ -8,8 +8,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-FP32_ATOL = 1e-5  # one tolerance for fp32 comparisons, used by every equivalence test
-
 
 @pytest.fixture(scope="session")
 def builtin_model_dir():

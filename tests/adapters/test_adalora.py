@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import FP32_ATOL
+from tiny_models import FP32_ATOL
 from peft import AdaLoraConfig as PeftAdaLoraConfig
 from peft import PeftModel
 from peft import get_peft_model as peft_get_peft_model

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FP32_ATOL
+from tiny_models import FP32_ATOL
 from peft import PeftModel
 from tiny_models import sample_input_ids, tiny_model
 

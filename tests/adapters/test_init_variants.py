@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import FP32_ATOL
+from tiny_models import FP32_ATOL
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel
 from peft import get_peft_model as peft_get_peft_model

@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from conftest import FP32_ATOL
+from tiny_models import FP32_ATOL
 from peft import PeftModel
 from tiny_models import _COMMON, ARCHS, VOCAB, sample_input_ids, tiny_model
 from torch import nn

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import FP32_ATOL
+from tiny_models import FP32_ATOL
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FP32_ATOL
+from tiny_models import FP32_ATOL
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model as peft_get_peft_model
 from peft.utils import set_peft_model_state_dict

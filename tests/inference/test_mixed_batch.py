@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FP32_ATOL
+from tiny_models import FP32_ATOL
 from tiny_models import ARCHS, sample_input_ids, tiny_model
 
 from lorakit import LoraConfig, LorakitError, get_peft_model

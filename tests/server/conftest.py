@@ -9,8 +9,7 @@ import time
 import pytest
 import torch
 
-API_KEY = "test-key-0123456789"
-ADAPTERS = ["a0", "a1", "a2", "a3"]
+from server_setup import ADAPTERS, API_KEY
 
 
 def _save_random_adapters(model_dir, root):

@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 import torch
-from conftest import ADAPTERS, API_KEY
+from server_setup import ADAPTERS, API_KEY
 
 from lorakit.server import protocol
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FP32_ATOL
+from tiny_models import FP32_ATOL
 from lorakit_tiny import step_losses, tiny_config_dict, tiny_llama_dir  # noqa: F401 (fixture)
 from safetensors.torch import load_file
 from tiny_models import ARCHS, VOCAB, tiny_model
