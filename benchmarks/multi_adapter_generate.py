@@ -11,7 +11,8 @@ and, for one adapter over all 16 rows: base model, merged adapter, unmerged adap
 
     python benchmarks/multi_adapter_generate.py [--new-tokens 32] [--repeats 2]
 
-Tokens/s counts generated tokens only (rows x new tokens / wall time, best of --repeats).
+Tokens/s counts generated tokens only (rows x new tokens / wall time). Each round runs every
+variant once, in turn; a variant's figure is its best round (--repeats rounds).
 """
 
 from __future__ import annotations
@@ -62,19 +63,29 @@ def _prompts(tokenizer):
     return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
 
 
-def _timed(fn, repeats: int):
-    best, out = float("inf"), None
+def _timed_rounds(variants: dict, repeats: int) -> dict:
+    """Best wall time of each variant over ``repeats`` rounds; every round runs every variant
+    once, in turn, so slow drifts of a shared machine hit all variants alike.
+    ``variants``: label -> (fn, setup or None, teardown or None); returns label -> (seconds, output)."""
+    best = {label: (float("inf"), None) for label in variants}
     for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
+        for label, (fn, setup, teardown) in variants.items():
+            if setup:
+                setup()
+            start = time.perf_counter()
+            out = fn()
+            seconds = time.perf_counter() - start
+            if teardown:
+                teardown()
+            if seconds < best[label][0]:
+                best[label] = (seconds, out)
+    return best
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     from peft import PeftModel
 
@@ -104,41 +115,47 @@ def main(argv=None) -> int:
         peft_model.load_adapter(str(dirs[name]), adapter_name=name)
     peft_model.eval()
 
-    results = {}
+    prompt_ids = [ids[m.bool()].tolist() for ids, m in zip(batch["input_ids"], batch["attention_mask"])]
+    requests = lambda: [GenerationRequest(p, a, n, ignore_eos=True) for p, a in zip(prompt_ids, rows)]  # noqa: E731
 
-    def record(label, seconds, out=None):
-        results[label] = (N_ROWS * n / seconds, seconds, out)
+    def one_after_another():
+        outs = {}
+        for name in names:
+            index = [i for i, r in enumerate(rows) if r == name]
+            multi.set_adapter(name)
+            outs[name] = multi.generate(input_ids=batch["input_ids"][index],
+                                        attention_mask=batch["attention_mask"][index], **gen)
+        multi.set_adapter(None)
+        return outs
 
-    with torch.inference_mode():
-        multi.generate(**batch, adapter_names=rows, max_new_tokens=2, pad_token_id=tok.pad_token_id)  # warm-up
-        record("lorakit mixed batch (HF generate + gathered LoRA)",
-               *_timed(lambda: multi.generate(**batch, adapter_names=rows, **gen), args.repeats))
-        prompt_ids = [ids[m.bool()].tolist() for ids, m in zip(batch["input_ids"], batch["attention_mask"])]
-        requests = lambda: [GenerationRequest(p, a, n, ignore_eos=True) for p, a in zip(prompt_ids, rows)]  # noqa: E731
-        seconds, engine_out = _timed(lambda: generate_batch(multi, tok, requests()), args.repeats)
-        record("lorakit engine (server loop, KV cache)", seconds)
-        record("peft mixed batch (adapter_names=)",
-               *_timed(lambda: peft_model.generate(**batch, adapter_names=rows, **gen), args.repeats))
-
-        def one_after_another():
-            outs = {}
-            for name in names:
-                index = [i for i, r in enumerate(rows) if r == name]
-                multi.set_adapter(name)
-                outs[name] = multi.generate(input_ids=batch["input_ids"][index],
-                                            attention_mask=batch["attention_mask"][index], **gen)
-            multi.set_adapter(None)
-            return outs
-        record("lorakit adapters one after another", *_timed(one_after_another, args.repeats))
-
+    def base_only():
         with multi.disable_adapter():
-            record("base model, no adapter (16 rows)", *_timed(lambda: model.generate(**batch, **gen), args.repeats))
+            return model.generate(**batch, **gen)
+
+    def merge_first():
         multi.set_adapter(names[0])
-        record("one adapter unmerged (16 rows)", *_timed(lambda: model.generate(**batch, **gen), args.repeats))
         multi.lora.merge_adapter()
-        record("one adapter merged (16 rows)", *_timed(lambda: model.generate(**batch, **gen), args.repeats))
+
+    def unmerge_after():
         multi.lora.unmerge_adapter()
         multi.set_adapter(None)
+
+    variants = {
+        "lorakit mixed batch (HF generate + gathered LoRA)":
+            (lambda: multi.generate(**batch, adapter_names=rows, **gen), None, None),
+        "lorakit engine (server loop, KV cache)": (lambda: generate_batch(multi, tok, requests()), None, None),
+        "peft mixed batch (adapter_names=)": (lambda: peft_model.generate(**batch, adapter_names=rows, **gen), None, None),
+        "lorakit adapters one after another": (one_after_another, None, None),
+        "base model, no adapter (16 rows)": (base_only, None, None),
+        "one adapter unmerged (16 rows)": (lambda: model.generate(**batch, **gen),
+                                           lambda: multi.set_adapter(names[0]), lambda: multi.set_adapter(None)),
+        "one adapter merged (16 rows)": (lambda: model.generate(**batch, **gen), merge_first, unmerge_after),
+    }
+    with torch.inference_mode():
+        multi.generate(**batch, adapter_names=rows, max_new_tokens=2, pad_token_id=tok.pad_token_id)  # warm-up
+        timings = _timed_rounds(variants, args.repeats)
+    results = {label: (N_ROWS * n / seconds, seconds, out) for label, (seconds, out) in timings.items()}
+    engine_out = results["lorakit engine (server loop, KV cache)"][2]
 
     ours = results["lorakit mixed batch (HF generate + gathered LoRA)"][2]
     theirs = results["peft mixed batch (adapter_names=)"][2]
@@ -148,7 +165,7 @@ def main(argv=None) -> int:
 
     print(f"\nSmolLM2-135M-Instruct fp32, {torch.get_num_threads()} CPU threads, {N_ROWS} rows over {N_ADAPTERS} "
           f"adapters (r=8/16, all linear layers), prompt {width} tokens (left-padded), {n} new tokens, best of "
-          f"{args.repeats}\n")
+          f"{args.repeats} interleaved rounds\n")
     print("| variant | tokens/s | seconds |")
     print("|---|---:|---:|")
     for label, (tps, seconds, _) in results.items():

@@ -102,33 +102,46 @@ class RowIds:
 
     def __init__(self, ids: torch.Tensor):
         self.ids = ids
+        self.version = 0  # bumped when the rows change, so layers re-gather their weights
         self.any_adapter = bool((ids != BASE_SLOT).any())
 
     def select(self, keep: torch.Tensor) -> None:
         self.ids = self.ids.index_select(0, keep.to(self.ids.device))
+        self.version += 1
         self.any_adapter = bool((self.ids != BASE_SLOT).any())
 
 
 class _RowLora:
-    """The per-layer callable LoraLayer.forward delegates to inside ``mixed_adapters``."""
+    """The per-layer callable LoraLayer.forward delegates to inside ``mixed_adapters``.
+
+    The rows' A and B are gathered once per row set and reused by every decoding step (a
+    decode step is tiny, so per-step gathers and extra ops would cost more than the matmuls)."""
 
     def __init__(self, A_t: torch.Tensor, B_t: torch.Tensor, rows: RowIds):
         self.A_t, self.B_t, self.rows = A_t, B_t, rows
+        self._gathered: tuple = (None, None, None)  # (key, A (B, in, r), B (B, r, out))
+
+    def _row_weights(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (self.rows.version, batch)
+        if self._gathered[0] != key:
+            ids = self.rows.ids
+            if batch != ids.shape[0]:
+                if batch % ids.shape[0]:
+                    raise LorakitError(f"mixed batch has {ids.shape[0]} row adapters but the layer sees {batch} rows")
+                ids = ids.repeat_interleave(batch // ids.shape[0])  # beams / num_return_sequences
+            self._gathered = (key, self.A_t.index_select(0, ids), self.B_t.index_select(0, ids))
+        return self._gathered[1], self._gathered[2]
 
     def __call__(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         if not self.rows.any_adapter:
             return result
-        ids = self.rows.ids
         batch = x.shape[0]
-        if batch != ids.shape[0]:
-            if batch % ids.shape[0]:
-                raise LorakitError(f"mixed batch has {ids.shape[0]} row adapters but the layer sees {batch} rows")
-            ids = ids.repeat_interleave(batch // ids.shape[0])  # beams / num_return_sequences
-        A = self.A_t.index_select(0, ids)  # (B, in, r)
-        B = self.B_t.index_select(0, ids)  # (B, r, out)
+        A, B = self._row_weights(batch)
         h = torch.bmm(x.reshape(batch, -1, x.shape[-1]).to(A.dtype), A)  # (B, T, r)
-        y = torch.bmm(h, B)  # (B, T, out)
-        return result + y.reshape(result.shape).to(result.dtype)
+        if result.dtype == B.dtype and result.is_contiguous():
+            # result + h @ B in one op: (B, T, out)
+            return torch.baddbmm(result.reshape(batch, -1, result.shape[-1]), h, B).reshape(result.shape)
+        return result + torch.bmm(h, B).reshape(result.shape).to(result.dtype)
 
 
 @contextmanager
