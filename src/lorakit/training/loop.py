@@ -173,6 +173,10 @@ def _start_or_resume(config, model, optimizer, scheduler, eval_batches, accelera
     with an evaluation of the untrained adapter (= the base model) and return 0."""
     out, main = Path(config.output_dir), accelerator.is_main_process
     resume_from = _resume_dir(config.train.resume, out, accelerator)
+    if resume_from is not None and hasattr(config.lora, "training_hooks"):
+        # AdaLoRA's allocator state (importance averages, masks) is not in checkpoints yet
+        raise LorakitError(f"train.resume is not supported for method '{config.method}' yet (its rank "
+                           f"allocator state is not checkpointed); start the run again without resume")
     if resume_from is not None:
         state = json.loads((resume_from / ckpt.STATE_NAME).read_text())
         _check_resume_config(state["config"], config.to_dict(), resume_from)
