@@ -8,21 +8,14 @@ from torch import nn
 from lorakit.adapters.adalora.allocator import RankAllocator, kept_triplets
 from lorakit.adapters.adalora.config import AdaLoraConfig
 from lorakit.adapters.adalora.layer import AdaLoraLayer
-from lorakit.adapters.lora.layer import SUPPORTED_BASE_TYPES
-from lorakit.errors import LorakitError
+from lorakit.adapters.lora.layer import wrap_target
 
 
 def attach_adalora(module: nn.Module, adapter_name: str, config: AdaLoraConfig, module_name: str) -> AdaLoraLayer:
     """Wrap ``module`` in an AdaLoraLayer (or reuse the wrapper) and add ``adapter_name`` with
     init_r triplets — or, when config.rank_pattern records this module (a loaded adapter),
     only the kept ones, still scaled by α / init_r as peft does."""
-    if isinstance(module, AdaLoraLayer):
-        layer = module
-    elif isinstance(module, SUPPORTED_BASE_TYPES):
-        layer = AdaLoraLayer(module)
-    else:
-        raise LorakitError(f"target module '{module_name}' is a {type(module).__name__}; "
-                           f"AdaLoRA adapts nn.Linear and Conv1D layers")
+    layer = wrap_target(module, AdaLoraLayer, module_name, "AdaLoRA")
     mask = kept_triplets(config.rank_pattern, module_name)
     layer.add_adapter(
         adapter_name,

@@ -21,7 +21,7 @@ from transformers.pytorch_utils import Conv1D
 
 from lorakit.adapters.adalora.functional import svd_delta_weight, svd_scale
 from lorakit.adapters.lora.functional import merge_into, unmerge_from
-from lorakit.adapters.lora.layer import adapter_dtype, base_layer_features
+from lorakit.adapters.lora.layer import adapter_dtype, base_layer_features, check_disable_allowed, pending_adapters
 from lorakit.errors import LorakitError
 
 
@@ -104,21 +104,16 @@ class AdaLoraLayer(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters:
-            if self.merged_adapters:
-                raise LorakitError("adapters are merged into the base weights; call unmerge() before disabling them")
+            check_disable_allowed(self)
             return result
-        for name in self.active_adapters:
-            if name in self.merged_adapters or name not in self.lora_A:
-                continue
+        for name in pending_adapters(self):
             result = result + self.adapter_output(name, x).to(result.dtype)
         return result
 
     @torch.no_grad()
     def merge(self, adapter_names: list[str] | None = None) -> None:
         """Fold the active (or named) adapters into the base weight: W <- W + ΔW."""
-        for name in adapter_names or list(self.active_adapters):
-            if name in self.merged_adapters or name not in self.lora_A:
-                continue
+        for name in pending_adapters(self, adapter_names):
             merge_into(self.base_layer.weight, self.get_delta_weight(name))
             self.merged_adapters.append(name)
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from lorakit.adapters.lora.config import LoraConfig
-from lorakit.adapters.lora.layer import LoraLayer, SUPPORTED_BASE_TYPES
-from lorakit.errors import LorakitError
+from lorakit.adapters.lora.layer import LoraLayer, wrap_target
 
 
 def attach_lora(module: nn.Module, adapter_name: str, config: LoraConfig, module_name: str) -> LoraLayer:
@@ -14,13 +13,7 @@ def attach_lora(module: nn.Module, adapter_name: str, config: LoraConfig, module
     with its rank and alpha resolved through rank_pattern / alpha_pattern."""
     from lorakit.models.targets import pattern_value
 
-    if isinstance(module, LoraLayer):
-        layer = module
-    elif isinstance(module, SUPPORTED_BASE_TYPES):
-        layer = LoraLayer(module)
-    else:
-        raise LorakitError(f"target module '{module_name}' is a {type(module).__name__}; "
-                           f"LoRA adapts nn.Linear and Conv1D layers")
+    layer = wrap_target(module, LoraLayer, module_name, "LoRA")
     layer.add_adapter(
         adapter_name,
         r=pattern_value(config.rank_pattern, module_name, config.r),

@@ -36,6 +36,28 @@ def base_layer_features(base_layer: nn.Module) -> tuple[int, int]:
     return base_layer.in_features, base_layer.out_features
 
 
+def wrap_target(module: nn.Module, layer_class: type, module_name: str, method: str) -> nn.Module:
+    """The adapter wrapper for a target module: ``module`` itself when it is already a
+    ``layer_class``, a new ``layer_class(module)`` for a Linear / Conv1D, else a clear error."""
+    if isinstance(module, layer_class):
+        return module
+    if isinstance(module, SUPPORTED_BASE_TYPES):
+        return layer_class(module)
+    raise LorakitError(f"target module '{module_name}' is a {type(module).__name__}; "
+                       f"{method} adapts nn.Linear and Conv1D layers")
+
+
+def pending_adapters(layer: nn.Module, names: list[str] | None = None) -> list[str]:
+    """The adapters of a wrapper layer (active ones, or ``names``) that exist there and are not
+    merged into its base weight: those a forward must add and a merge may fold in."""
+    return [n for n in (names or layer.active_adapters) if n not in layer.merged_adapters and n in layer.lora_A]
+
+
+def check_disable_allowed(layer: nn.Module) -> None:
+    if layer.merged_adapters:
+        raise LorakitError("adapters are merged into the base weights; call unmerge() before disabling them")
+
+
 def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     """Adapters train in fp32 over a half-precision base (fp64 stays fp64 for exact tests)."""
     return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
@@ -144,14 +166,11 @@ class LoraLayer(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters:
-            if self.merged_adapters:
-                raise LorakitError("adapters are merged into the base weights; call unmerge() before disabling them")
+            check_disable_allowed(self)
             return result
         if self.mixed_batch is not None:
             return self.mixed_batch(x, result)
-        for name in self.active_adapters:
-            if name in self.merged_adapters or name not in self.lora_A:
-                continue
+        for name in pending_adapters(self):
             if name in self.lora_magnitude_vector:
                 result = dora_forward(self, name, x, result)
                 continue
@@ -163,8 +182,7 @@ class LoraLayer(nn.Module):
         """Fold the active (or named) adapters into the base weight: W <- W + s·BA (DoRA:
         W <- g ⊙ (W + s·BA)). A quantized base is first replaced by a dense fp32 copy and
         rounded once to its original dtype after merging (never re-quantized)."""
-        names = [n for n in adapter_names or list(self.active_adapters)
-                 if n not in self.merged_adapters and n in self.lora_A]
+        names = pending_adapters(self, adapter_names)
         target_dtype = None
         if names and is_quantized(self.base_layer):
             target_dtype, self.base_layer = dense_dtype(self.base_layer), dense_linear(self.base_layer)
