@@ -25,13 +25,7 @@ from lorakit.adapters.registry import all_layer_types
 from lorakit.errors import LorakitError
 from lorakit.models import peft_format
 from lorakit.models.modules_to_save import ModulesToSaveWrapper
-from lorakit.models.targets import find_target_modules
-
-
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)
+from lorakit.models.targets import find_target_modules, set_submodule
 
 
 class LoraModel(nn.Module):
@@ -107,7 +101,7 @@ class LoraModel(nn.Module):
             module = self.model.get_submodule(name)
             replacement = method.attach(module, adapter_name, config, name)
             if replacement is not module:
-                _set_submodule(self.model, name, replacement)
+                set_submodule(self.model, name, replacement)
         for name in config.modules_to_save or []:
             self._add_module_to_save(name, adapter_name)
         self.peft_config[adapter_name] = config
@@ -130,7 +124,7 @@ class LoraModel(nn.Module):
             module = self.model.get_submodule(name)
             if not isinstance(module, ModulesToSaveWrapper):
                 module = ModulesToSaveWrapper(module)
-                _set_submodule(self.model, name, module)
+                set_submodule(self.model, name, module)
             module.add_adapter(adapter_name)
 
     def set_adapter(self, adapter_name: str) -> None:
@@ -185,10 +179,10 @@ class LoraModel(nn.Module):
         for name, layer in self.adapter_layers():
             if merge:
                 layer.merge()
-            _set_submodule(self.model, name, layer.base_layer)
+            set_submodule(self.model, name, layer.base_layer)
         for name, module in list(self.model.named_modules()):
             if isinstance(module, ModulesToSaveWrapper):
-                _set_submodule(self.model, name, module.current_module() if merge else module.original_module)
+                set_submodule(self.model, name, module.current_module() if merge else module.original_module)
         for param in self.model.parameters():
             param.requires_grad_(False)
         return self.model

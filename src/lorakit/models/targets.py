@@ -27,6 +27,12 @@ DEFAULT_TARGETS = {
 }
 
 
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted path ``name`` of ``root`` ("model.layers.0.mlp.up_proj")."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
 def name_matches(patterns: list[str] | str, name: str) -> bool:
     """peft's rule: regex string -> fullmatch; list -> exact name or '.'-suffix match."""
     if isinstance(patterns, str):

@@ -90,12 +90,20 @@ def _load(path: Path):
         raise LorakitError(f"checkpoint file '{path}' is missing; the checkpoint is incomplete") from None
 
 
-def load_checkpoint(directory: Path, model, optimizer, scheduler, process_index: int = 0) -> dict:
-    """Restore adapter weights, optimizer, scheduler and this process's RNG; return trainer state."""
-    directory = Path(directory)
-    if not (directory / STATE_NAME).is_file():
+def read_state(directory: Path) -> dict:
+    """The trainer state (step, data position, config) saved in a checkpoint directory."""
+    path = Path(directory) / STATE_NAME
+    if not path.is_file():
         raise LorakitError(f"'{directory}' is not a lorakit checkpoint ({STATE_NAME} is missing)")
-    state = json.loads((directory / STATE_NAME).read_text())
+    return json.loads(path.read_text())
+
+
+def load_checkpoint(directory: Path, model, optimizer, scheduler, process_index: int = 0,
+                    state: dict | None = None) -> dict:
+    """Restore adapter weights, optimizer, scheduler and this process's RNG; return trainer state
+    (``state``, when the caller has read it already with ``read_state``)."""
+    directory = Path(directory)
+    state = state if state is not None else read_state(directory)
     weights = peft_format.read_adapter_weights(directory)
     peft_format.copy_into_model(model.adapter_state_dict(), weights, str(directory))
     optimizer.load_state_dict(_load(directory / "optimizer.pt"))

@@ -18,7 +18,6 @@ step (the RNG state captured at that step's end) and re-raises KeyboardInterrupt
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -66,8 +65,7 @@ def load_base(config: TrainingConfig, device=None):
     """(frozen base model, tokenizer); bf16 precision holds the base weights in bf16."""
     from lorakit.models.load import load_model
 
-    dtype = "bfloat16" if config.train.precision == "bf16" else "float32"
-    return load_model(config.model, dtype=dtype, device=device or "cpu")
+    return load_model(config.model, dtype=config.train.precision, device=device or "cpu")
 
 
 def inject_adapters(model, config: TrainingConfig, total_steps: int):
@@ -178,9 +176,9 @@ def _start_or_resume(config, model, optimizer, scheduler, eval_batches, accelera
         raise LorakitError(f"train.resume is not supported for method '{config.method}' yet (its rank "
                            f"allocator state is not checkpointed); start the run again without resume")
     if resume_from is not None:
-        state = json.loads((resume_from / ckpt.STATE_NAME).read_text())
+        state = ckpt.read_state(resume_from)
         _check_resume_config(state["config"], config.to_dict(), resume_from)
-        ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, accelerator.process_index)
+        ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, accelerator.process_index, state)
         result.tokens_seen, result.initial_eval_loss = state["tokens_seen"], state.get("initial_eval_loss")
         if state.get("total_steps") != total:
             _log(accelerator, f"resume: the run now has {total} steps (was {state.get('total_steps')}); "

@@ -164,11 +164,3 @@ class RankAllocator:
                 E = layer.lora_E[self.adapter_name]
                 keep = torch.tensor(mask, dtype=torch.bool, device=E.device).view(-1, 1)
                 E.masked_fill_(~keep, 0.0)
-
-    def kept_ranks(self) -> dict[str, int]:
-        """{module name: kept triplets} under the current rank_pattern (all triplets when none)."""
-        ranks = {}
-        for module_name, layer in self.layers.items():
-            mask = kept_triplets(self.config.rank_pattern, module_name)
-            ranks[module_name] = sum(mask) if mask is not None else layer.lora_A[self.adapter_name].shape[0]
-        return ranks

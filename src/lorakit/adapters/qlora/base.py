@@ -154,9 +154,10 @@ def _output_head_ids(model: nn.Module) -> set[int]:
 def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
     """Put ``new`` wherever ``old`` sits in ``model`` (a tied module may sit under several names)."""
     names = [n for n, m in model.named_modules(remove_duplicate=False) if m is old and n]
+    from lorakit.models.targets import set_submodule  # local: models.targets imports the layers
+
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        set_submodule(model, name, new)
 
 
 def _table_as_linear(weight: torch.Tensor) -> nn.Linear:
@@ -229,10 +230,10 @@ def quantize_base(model: nn.Module, quantization: str = "nf4", compute_dtype="bf
         if ".lora_" in f".{name}":  # adapter weights are never quantized
             continue
         targets.append(name)
+    from lorakit.models.targets import set_submodule  # local: models.targets imports the layers
+
     for name in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, quantize_linear(getattr(parent, child), quantization, compute_dtype, double_quant))
+        set_submodule(model, name, quantize_linear(model.get_submodule(name), quantization, compute_dtype, double_quant))
     if quantize_embeddings:
         quantize_embedding_and_head(model, quantization, compute_dtype, double_quant, strict)
     for _, module in model.named_modules():  # a LoraLayer over a Conv1D now wraps a Linear
