@@ -63,6 +63,8 @@ class _Row:
                 self.finish_reason = "length"
         if request.is_cancelled is not None and request.is_cancelled():
             self.finish_reason = "cancelled"
+        if self.finish_reason is None and not request.stop and request.on_text is None:
+            return  # nothing reads the text before the row ends: decode once, at the end
         text = tokenizer.decode(self.tokens, skip_special_tokens=True)
         hold = 0
         for stop in request.stop:
