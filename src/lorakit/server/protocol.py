@@ -134,7 +134,9 @@ def chat_prompt_ids(data: dict, tokenizer) -> list[int]:
     turns = [dict(zip(("role", "content"), _message_text(m, i))) for i, m in enumerate(messages)]
     if not getattr(tokenizer, "chat_template", None):
         raise ApiError(400, "this model has no chat template; use POST /v1/completions with a prompt")
-    text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    from lorakit.data import render_chat  # the same rendering training used
+
+    text = render_chat(tokenizer, turns, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
