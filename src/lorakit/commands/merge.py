@@ -1,4 +1,4 @@
-"""lorakit merge --adapter DIR --output DIR [--dtype]: a merged transformers model directory."""
+"""lorakit merge --adapter DIR --output DIR [--dtype] [--overwrite]: a merged transformers model directory."""
 
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ def register(subparsers) -> None:
     parser.add_argument("--model", metavar="M", help="base model (default: the adapter's base_model_name_or_path)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="dtype of the saved weights (default: float32)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --output (file or non-empty directory); the adapter and "
+                             "a local base model are never overwritten")
     parser.set_defaults(func=run)
 
 
@@ -20,7 +23,8 @@ def run(args) -> int:
 
     from lorakit.inference.merge import merge_adapter
 
-    out = merge_adapter(args.adapter, args.output, model=args.model, dtype=args.dtype)
+    out = merge_adapter(args.adapter, args.output, model=args.model, dtype=args.dtype,
+                       overwrite=args.overwrite)
     size = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file())
     print(f"merged model written to {out} ({size / 2**20:.1f} MiB, {args.dtype})")
     return 0
