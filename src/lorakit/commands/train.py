@@ -17,10 +17,12 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import os
 
+    from lorakit._io import check_directory_path
     from lorakit.config import load_config
     from lorakit.training import train
 
     config = load_config(args.config, args.overrides)
+    check_directory_path(config.output_dir, "output_dir")  # one line now, not NotADirectoryError after loading
     result = train(config, progress=not args.no_progress)
     if os.environ.get("RANK", "0") != "0":  # one summary line under torchrun / accelerate launch
         return 0
