@@ -9,25 +9,20 @@ from lorakit.errors import LorakitError
 
 def adapter_info(directory: str | Path) -> dict:
     """{"method", "peft_type", "base_model", "ranks", "lora_alpha", "targets", "adapted_modules",
-    "trainable_params", "size_bytes" (adapter_model.safetensors + adapter_config.json), "extra"} read from adapter_config.json and the tensor
-    headers of adapter_model.safetensors (the tensors themselves are not loaded)."""
-    from safetensors import safe_open
-
+    "trainable_params", "size_bytes" (adapter_model.safetensors + adapter_config.json), "extra"} read from
+    adapter_config.json and adapter_model.safetensors. Both go through the checks every loader runs
+    (config types and ranges, readable and finite tensors), so info accepts exactly what loads."""
     from lorakit.adapters import ADAPTER_METHODS
-    from lorakit.models.peft_format import WEIGHTS_NAME, read_adapter_config_dict
+    from lorakit.models.peft_format import (WEIGHTS_NAME, adapter_config_from_dict, read_adapter_config_dict,
+                                            read_adapter_weights)
 
     directory = Path(directory)
     config = read_adapter_config_dict(directory)
+    adapter_config_from_dict(config, directory)
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise LorakitError(f"'{directory}' has no {WEIGHTS_NAME}")
-    shapes = {}
-    try:
-        with safe_open(str(weights), framework="pt") as handle:
-            for key in handle.keys():
-                shapes[key] = tuple(handle.get_slice(key).get_shape())
-    except Exception as err:  # safetensors raises its own error types for broken headers
-        raise LorakitError(f"{weights}: not a valid safetensors file ({err})") from None
+    shapes = {key: tuple(tensor.shape) for key, tensor in read_adapter_weights(directory).items()}
     ranks, modules = set(), set()
     for key, shape in shapes.items():
         if ".lora_A" in key and len(shape) == 2:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorakit.adapters import method_for_config, method_for_peft_type
+from lorakit.adapters import method_for_config
 from lorakit.adapters import pissa
 from lorakit.adapters.registry import all_layer_types
 from lorakit.errors import LorakitError
@@ -239,9 +239,7 @@ class LoraModel(nn.Module):
     def load_adapter(self, directory: str | Path, adapter_name: str = "default",
                      is_trainable: bool = False) -> None:
         """Add the adapter saved in ``directory`` under ``adapter_name`` and activate it."""
-        data = peft_format.read_adapter_config_dict(directory)
-        method = method_for_peft_type(data["peft_type"])
-        config = method.config_class.from_dict(data, where=str(Path(directory) / peft_format.CONFIG_NAME))
+        config = peft_format.adapter_config_from_dict(peft_format.read_adapter_config_dict(directory), directory)
         config.inference_mode = not is_trainable
         weights = peft_format.read_adapter_weights(directory)
         self.add_adapter(adapter_name, _config_for_loading(config))

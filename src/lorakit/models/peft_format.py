@@ -8,7 +8,9 @@ In-memory names carry the adapter name (``q_proj.lora_A.default.weight``) and wr
 (``base_layer``, ``modules_to_save.default``); file names drop them, as peft does. Loading is
 strict: every tensor in the file must land on a parameter of the same shape and every adapter
 parameter must be in the file; the first mismatch is named in the error. Weights are read
-from safetensors (a legacy ``adapter_model.bin`` only with ``weights_only=True``).
+from safetensors (a legacy ``adapter_model.bin`` only with ``weights_only=True``) and must be
+finite. Every reader of an adapter (load, generate, eval, merge, serve, info) goes through
+``adapter_config_from_dict`` and ``read_adapter_weights``, so all accept and refuse the same files.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lorakit._io import atomic_path, write_json_atomic
+from lorakit.adapters import method_for_peft_type
 from lorakit.errors import LorakitError
 
 CONFIG_NAME = "adapter_config.json"
@@ -91,22 +94,48 @@ def read_adapter_config_dict(directory: str | Path) -> dict:
     return data
 
 
+def adapter_config_from_dict(data: dict, directory: str | Path):
+    """The config object of the adapter's method built from its adapter_config.json dict, which
+    checks types, ranges and unknown keys (``"r": "16"`` is refused here, for every command)."""
+    method = method_for_peft_type(data["peft_type"])
+    return method.config_class.from_dict(data, where=str(Path(directory) / CONFIG_NAME))
+
+
 def read_adapter_weights(directory: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors from adapter_model.safetensors (or a legacy .bin, loaded with weights_only)."""
+    """Tensors from adapter_model.safetensors (or a legacy .bin, loaded with weights_only),
+    all finite (``check_finite``)."""
     directory = Path(directory)
     path = directory / WEIGHTS_NAME
     if path.is_file():
         try:
-            return load_file(str(path))
+            weights = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as err:
             raise LorakitError(f"{path}: not a valid safetensors file ({err})") from None
+        return check_finite(weights, str(path))
     legacy = directory / LEGACY_WEIGHTS_NAME
     if legacy.is_file():
         try:
-            return torch.load(legacy, map_location="cpu", weights_only=True)
+            weights = torch.load(legacy, map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises several types for bad pickles
             raise LorakitError(f"{legacy}: cannot be read safely ({type(err).__name__}: {err})".splitlines()[0]) from None
+        return check_finite(weights, str(legacy))
     raise LorakitError(f"'{directory}' has no {WEIGHTS_NAME}")
+
+
+def check_finite(weights: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """Return ``weights`` when every floating-point tensor is finite; otherwise a one-line error
+    naming the first tensor with NaN or Inf (the adapter of a diverged run would only produce
+    NaN logits, empty generations and a NaN merged model)."""
+    for key, tensor in weights.items():
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            continue
+        values = tensor if tensor.element_size() >= 2 else tensor.float()  # float8: isfinite needs a wider type
+        if not bool(torch.isfinite(values).all()):
+            counts = {"NaN": int(torch.isnan(values).sum()), "Inf": int(torch.isinf(values).sum())}
+            found = ", ".join(f"{n} {kind}" for kind, n in counts.items() if n)
+            raise LorakitError(f"{source}: tensor '{key}' holds non-finite values ({found} of {values.numel()}); "
+                               f"the adapter is unusable (did training diverge?): retrain it, e.g. with a lower lr")
+    return weights
 
 
 def adapter_tensors(model: torch.nn.Module, adapter_name: str, bias: str = "none",
