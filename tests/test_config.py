@@ -44,7 +44,7 @@ def test_yaml_maps_onto_typed_dataclasses(tmp_path):
 def test_defaults_without_file():
     config = load_config(None)
     assert config.model == "smollm2-135m-instruct" and config.method == "lora"
-    assert config.train.scheduler == "linear" and config.train.precision == "fp32"
+    assert config.train.scheduler == "linear" and config.train.precision == "auto"
     assert config.train.loraplus_lr_ratio is None
 
 
@@ -86,7 +86,7 @@ def test_unknown_key_in_yaml_file_names_the_file_and_section(tmp_path):
 def test_invalid_choices_and_shapes(tmp_path):
     with pytest.raises(LorakitError, match="did you mean 'cosine'"):
         load_config(_write(tmp_path), ["train.scheduler=cosin"])
-    with pytest.raises(LorakitError, match="valid choices: fp32, bf16"):
+    with pytest.raises(LorakitError, match="valid choices: auto, fp32, bf16"):
         load_config(_write(tmp_path), ["train.precision=fp8"])
     with pytest.raises(LorakitError, match="unknown method 'lorra'"):
         load_config(_write(tmp_path), ["method=lorra"])

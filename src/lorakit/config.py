@@ -25,7 +25,7 @@ from lorakit._dataclass_config import field_names, strict_config
 from lorakit.errors import LorakitError, closest_hint, unknown_key_error
 
 SCHEDULERS = ("linear", "cosine", "constant")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")  # lorakit.hardware.PRECISION_CHOICES
 
 
 @strict_config
@@ -37,8 +37,9 @@ class TrainArgs:
     steps to run. batch_size: samples per micro-batch (per process); grad_accum: micro-batches
     per optimizer step. lr: peak AdamW learning rate, reached after warmup_ratio x total steps,
     then decayed by ``scheduler`` (linear | cosine to 0, or constant). max_grad_norm: global
-    gradient clipping (0 = off). precision: fp32, or bf16 = frozen base weights held in bf16
-    while adapter weights and optimizer state stay fp32. eval_every / save_every: steps between
+    gradient clipping (0 = off). precision: auto (bf16 where this CPU's bf16 matmul is native and
+    measured faster, else fp32; see lorakit.hardware), fp32, or bf16 = frozen base weights held in
+    bf16 while adapter weights and optimizer state stay fp32. eval_every / save_every: steps between
     evaluations / checkpoints (0 = only at the end / never). resume: true continues from the
     latest checkpoint in output_dir/checkpoints (or a checkpoint directory path).
     loraplus_lr_ratio: LoRA+ (Hayou et al. 2024), lr of every lora_B = ratio x lr (None = off).
@@ -54,7 +55,7 @@ class TrainArgs:
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    precision: str = "fp32"
+    precision: str = "auto"
     grad_checkpointing: bool = False
     eval_every: int = 0
     save_every: int = 0

@@ -130,3 +130,29 @@ def test_verify_packing_passes_through_lora_wrapper():
 def test_verify_packing_rejects_models_where_it_is_not_exact():
     with pytest.raises(LorakitError, match="packing is not exact for model type 'llama'.*set data.packing: false"):
         verify_packing(_IgnoresPositions())
+
+
+def _ignoring_positions(model):
+    wrapper = _IgnoresPositions.__new__(_IgnoresPositions)
+    torch.nn.Module.__init__(wrapper)
+    wrapper.inner, wrapper.config = model, model.config
+    return wrapper
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setup", ["bf16", "qlora-bf16"])
+def test_verify_packing_in_bf16_on_builtin_model_has_no_false_refusal(setup, builtin_model_dir):
+    """bf16 rounds the logits to 8 mantissa bits: a correct packed path differs from the unpacked one
+    by ~0.3 in the log-probs of unlikely tokens (a false refusal at a fp32 tolerance), while a path
+    that attends across samples is still refused."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(builtin_model_dir, dtype=torch.bfloat16)
+    if setup == "qlora-bf16":
+        pytest.importorskip("bitsandbytes")
+        from lorakit.adapters.qlora import quantize_base
+
+        model = quantize_base(model, "nf4", compute_dtype="bfloat16")
+    verify_packing(model)
+    with pytest.raises(LorakitError, match="not exact.*total variation distance"):
+        verify_packing(_ignoring_positions(model))

@@ -37,7 +37,8 @@ def write_chat_subset(path: Path, source: Path = SUPPORT_TRAIN, rows: int = 24) 
 def tiny_config_dict(model_dir: Path, data_dir: Path, output_dir: Path, **train) -> dict:
     train_file = write_chat_subset(data_dir / "train.jsonl", rows=24)
     eval_file = write_chat_subset(data_dir / "eval.jsonl", SUPPORT_EVAL, rows=8)
-    args = {"max_steps": 6, "batch_size": 4, "lr": 1e-2, "seed": 7, "logging_steps": 1}
+    # fp32 pinned: the default (auto) would pick bf16 on a host with native bf16
+    args = {"max_steps": 6, "batch_size": 4, "lr": 1e-2, "seed": 7, "logging_steps": 1, "precision": "fp32"}
     args.update(train)
     return {
         "model": str(model_dir),

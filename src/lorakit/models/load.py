@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from lorakit._cache import cache_dir  # noqa: F401 - re-exported: models.load.cache_dir
 from lorakit._io import atomic_directory
 from lorakit.errors import LorakitError
 
@@ -39,15 +40,6 @@ def resolve_dtype(dtype) -> torch.dtype:
     if dtype not in _DTYPES:
         raise LorakitError(f"unknown dtype '{dtype}'; valid choices: {', '.join(_DTYPES)}")
     return _DTYPES[dtype]
-
-
-def cache_dir() -> Path:
-    """Root of lorakit's converted-model cache: $LORAKIT_CACHE or the user cache dir."""
-    if os.environ.get("LORAKIT_CACHE"):
-        return Path(os.environ["LORAKIT_CACHE"])
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("lorakit"))
 
 
 def builtin_gguf_path(alias: str) -> Path:

@@ -30,6 +30,7 @@ import torch
 
 from lorakit.config import TrainingConfig, config_to_yaml
 from lorakit.errors import LorakitError
+from lorakit.hardware import probe_host, resolve_precision
 from lorakit.training import checkpoint as ckpt
 from lorakit.training.evaluate import batch_loss_sum, count_tokens, loss_and_ppl, loss_sums
 from lorakit.training.metrics import PLOT_NAME, MetricsLog, plot_losses
@@ -61,11 +62,13 @@ class TrainResult:
 
 # --- building blocks -------------------------------------------------------------------------
 
-def load_base(config: TrainingConfig, device=None):
-    """(frozen base model, tokenizer); bf16 precision holds the base weights in bf16."""
+def load_base(config: TrainingConfig, device=None, precision: str | None = None):
+    """(frozen base model, tokenizer); bf16 precision holds the base weights in bf16.
+    ``precision`` is the resolved one (fp32 | bf16); by default train.precision resolved here."""
     from lorakit.models.load import load_model
 
-    return load_model(config.model, dtype=config.train.precision, device=device or "cpu")
+    precision = precision or resolve_precision(config.train.precision)
+    return load_model(config.model, dtype=precision, device=device or "cpu")
 
 
 def inject_adapters(model, config: TrainingConfig, total_steps: int):
@@ -219,7 +222,10 @@ def train(config: TrainingConfig, progress: bool = True) -> TrainResult:
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
 
     set_seed(args.seed)
-    base, tokenizer = load_base(config)
+    precision = resolve_precision(args.precision)
+    if args.precision == "auto":
+        _log(accelerator, f"precision auto -> {precision} (host: {probe_host().summary()})")
+    base, tokenizer = load_base(config, precision=precision)
     train_samples, eval_samples, stats = build_datasets(config.data, tokenizer)
     _log(accelerator, str(stats))
     plan = StepPlan(train_samples, args.batch_size, args.grad_accum, tokenizer.pad_token_id, config.data.packing,

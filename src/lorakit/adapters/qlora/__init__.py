@@ -19,7 +19,8 @@ from torch import nn
 
 from lorakit.adapters.qlora.base import (QUANT_CHOICES, BaseWeightMemory, base_weight_memory, dense_linear,
                                          dense_weight, dequantize_base, dequantize_weight, is_quantized,
-                                         quantize_base, quantize_embedding_and_head, quantize_linear)
+                                         quantize_base, quantize_embedding_and_head, quantize_linear,
+                                         resolve_compute_dtype)
 from lorakit.adapters.qlora.embedding import QuantizedEmbedding
 from lorakit.adapters.qlora.config import QLoraConfig
 
@@ -28,11 +29,10 @@ def attach_qlora(module: nn.Module, adapter_name: str, config: QLoraConfig, modu
     """attach_lora over a quantized base: quantizes ``module`` as ``config`` says unless it is
     already a quantized layer or a LoraLayer."""
     from lorakit.adapters.lora import LoraLayer, attach_lora
-    from lorakit.models.load import resolve_dtype
 
     if not isinstance(module, LoraLayer) and not is_quantized(module):
         module = quantize_linear(module, getattr(config, "quantization", "nf4"),
-                                 resolve_dtype(getattr(config, "compute_dtype", "bfloat16")),
+                                 resolve_compute_dtype(getattr(config, "compute_dtype", "auto")),
                                  getattr(config, "double_quant", True))
     return attach_lora(module, adapter_name, config, module_name)
 

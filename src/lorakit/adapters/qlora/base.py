@@ -7,7 +7,8 @@ themselves 8-bit quantized (blocks of 256, one fp32 scale each), so storage is a
 
     bits / weight = 4 + 8/64 + 32/(64·256) ≈ 4.127   (vs 16 for bf16: ratio ≈ 0.258)
 
-The base computes in ``compute_dtype`` (bf16) while the adapters stay fp32 (LoraLayer casts
+The base computes in ``compute_dtype`` (auto: bf16 where the host has fast native bf16, else
+fp32; ``resolve_compute_dtype``) while the adapters stay fp32 (LoraLayer casts
 the input to the adapter dtype). An 8-bit base (``Linear8bitLt``, LLM.int8 with per-row
 absmax scales) is available too.
 
@@ -203,7 +204,16 @@ def quantize_embedding_and_head(model: nn.Module, quantization: str = "nf4", com
     return model
 
 
-def quantize_base(model: nn.Module, quantization: str = "nf4", compute_dtype="bfloat16",
+def resolve_compute_dtype(compute_dtype) -> torch.dtype:
+    """A dtype or its name; "auto" = what the host probe picks (bf16 only where it is native and
+    faster, else fp32: emulated bf16 would make every base matmul hundreds of times slower)."""
+    from lorakit.hardware import preferred_compute_dtype
+    from lorakit.models.load import resolve_dtype
+
+    return preferred_compute_dtype() if compute_dtype == "auto" else resolve_dtype(compute_dtype)
+
+
+def quantize_base(model: nn.Module, quantization: str = "nf4", compute_dtype="auto",
                   double_quant: bool = True, skip_modules: tuple[str, ...] = ("lm_head",),
                   quantize_embeddings: bool | None = None) -> nn.Module:
     """Replace every Linear / Conv1D of ``model`` (except the output head and ``skip_modules``)
@@ -211,12 +221,10 @@ def quantize_base(model: nn.Module, quantization: str = "nf4", compute_dtype="bf
     ``quantize_embeddings`` (default None: True for nf4 / fp4 where the model's embedding is a
     plain nn.Embedding, else False with a warning; int8: False): quantize the input
     embedding and the output head too (see the module docstring and ``quantize_embedding_and_head``).
-    Returns ``model``. Adapters keep their fp32 weights."""
-    from lorakit.models.load import resolve_dtype
-
+    ``compute_dtype``: see ``resolve_compute_dtype``. Returns ``model``. Adapters keep their fp32 weights."""
     if quantization not in QUANT_CHOICES:
         raise LorakitError(f"unknown quantization '{quantization}'; valid choices: {', '.join(QUANT_CHOICES)}")
-    compute_dtype = resolve_dtype(compute_dtype)
+    compute_dtype = resolve_compute_dtype(compute_dtype)
     strict = quantize_embeddings is not None  # asked for explicitly: an unsupported embedding is an error
     if quantize_embeddings is None:
         quantize_embeddings = quantization != "int8"

@@ -21,14 +21,16 @@ _BASE_KEYS = ("quantization", "compute_dtype", "double_quant", "quantize_embeddi
 @dataclass
 class QLoraConfig(LoraConfig):
     """LoRA settings (see LoraConfig) over a quantized base. quantization: nf4 (default), fp4
-    or int8. compute_dtype: dtype of the 4-bit base matmul (bfloat16). double_quant: quantize
+    or int8. compute_dtype: dtype of the 4-bit base matmul: auto (default: bfloat16 where this
+    CPU's bf16 matmul is native and measured faster, else float32; lorakit.hardware), float32,
+    bfloat16 or float16. double_quant: quantize
     the per-block absmax values too (about 0.37 bits per weight saved). quantize_embeddings:
     hold the input embedding and the output head (one table when tied) in the same 4-bit format;
     unset: yes for nf4 / fp4 where the model's embedding is a plain nn.Embedding, no for int8
     (see lorakit.adapters.qlora.base for why this differs from the QLoRA paper)."""
 
     quantization: str = "nf4"
-    compute_dtype: str = "bfloat16"
+    compute_dtype: str = "auto"
     double_quant: bool = True
     quantize_embeddings: bool | None = None
 
