@@ -14,9 +14,27 @@ class LorakitError(ValueError):
     """A user-facing error whose message is one actionable line."""
 
 
+# Names people bring from papers, peft's docs or transformers' TrainingArguments, mapped to ours.
+# Spelling similarity alone gets these wrong ("rank" is closer to "rank_pattern" than to "r").
+_ALIASES = {
+    "rank": "r", "lora_r": "r", "lora_rank": "r",
+    "alpha": "lora_alpha", "scale": "lora_alpha", "scaling": "lora_alpha",
+    "dropout": "lora_dropout",
+    "target": "target_modules", "targets": "target_modules", "modules": "target_modules",
+    "learning_rate": "lr", "num_train_epochs": "epochs", "num_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
+    "gradient_checkpointing": "grad_checkpointing",
+}
+
+
 def closest_hint(name: str, choices) -> str:
-    """Return " (did you mean 'x'?)" for the closest valid choice, or "" when none is close."""
-    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+    """Return " (did you mean 'x'?)" for the closest valid choice, or "" when none is close.
+    A known alias among ``choices`` wins over spelling similarity."""
+    choices = list(choices)
+    alias = _ALIASES.get(str(name).lower())
+    if alias in choices:
+        return f" (did you mean '{alias}'?)"
+    match = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
