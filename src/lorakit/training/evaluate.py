@@ -7,6 +7,7 @@ import math
 import torch
 
 from lorakit.data import IGNORE_INDEX, batch_to_device
+from lorakit.training.fused_loss import linear_cross_entropy_sum
 
 
 def count_targets(batch: dict) -> int:
@@ -41,15 +42,20 @@ def _plain_head_model(model):
 
 def labelled_loss_sum(lm, batch: dict) -> torch.Tensor:
     """Sum of token losses computed only where there is a label: decoder on all tokens, then the
-    output head and cross-entropy on the N labelled positions, (N, H) -> (N, V), instead of
-    (B, T, V). Same value as the model's own loss x N; much cheaper when prompts are masked."""
+    output head and cross-entropy on the N labelled positions, (N, H) -> loss, instead of
+    (B, T, V) logits. A plain ``nn.Linear`` head goes through the fused, chunked head + loss
+    (``fused_loss``: no (N, V) logits at all); any other head (quantized, adapted) is applied to
+    the N rows and followed by cross-entropy. Same value as the model's own loss x N."""
     decoder = getattr(lm, lm.base_model_prefix)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     hidden = decoder(**inputs)[0]                      # (B, T, H)
     targets = batch["labels"][:, 1:]                   # position t predicts token t + 1
     keep = targets != IGNORE_INDEX                     # (B, T-1)
-    logits = lm.get_output_embeddings()(hidden[:, :-1][keep])  # (N, V)
-    return torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    rows = hidden[:, :-1][keep]                        # (N, H)
+    head = lm.get_output_embeddings()
+    if type(head) is torch.nn.Linear:
+        return linear_cross_entropy_sum(rows, head.weight, head.bias, targets[keep])
+    return torch.nn.functional.cross_entropy(head(rows).float(), targets[keep], reduction="sum")  # (N, V) logits
 
 
 def batch_loss_sum(model, batch: dict, device) -> tuple[torch.Tensor, int]:
