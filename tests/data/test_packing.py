@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lorakit.data import IGNORE_INDEX, make_batches, verify_packing
+from lorakit.data.batching import resolve_packing
 from lorakit.errors import LorakitError
 from tiny_models import ARCHS, VOCAB, tiny_model
 
@@ -130,6 +131,15 @@ def test_verify_packing_passes_through_lora_wrapper():
 def test_verify_packing_rejects_models_where_it_is_not_exact():
     with pytest.raises(LorakitError, match="packing is not exact for model type 'llama'.*set data.packing: false"):
         verify_packing(_IgnoresPositions())
+
+
+def test_resolve_packing_auto_follows_the_check_and_passes_bools_through():
+    assert resolve_packing("auto", tiny_model("llama")) is True
+    assert resolve_packing("auto", _IgnoresPositions()) is False  # no error: auto turns packing off
+    assert resolve_packing(True, _IgnoresPositions()) is True  # an explicit choice is not second-guessed here
+    assert resolve_packing(False, tiny_model("llama")) is False
+    with pytest.raises(LorakitError, match="data.packing must be true, false or auto, got 'yes'"):
+        resolve_packing("yes", tiny_model("llama"))
 
 
 def _ignoring_positions(model):

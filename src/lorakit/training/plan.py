@@ -1,8 +1,10 @@
 """Which micro-batches each optimizer step uses: a pure function of (samples, settings, step).
 
-Epoch e shuffles the samples with seed ``seed + e`` (``lorakit.data.make_batches``), so the
-batches of any step can be rebuilt after a restart: resuming at step k just starts the loop
-at k. One optimizer step takes ``grad_accum × num_processes`` consecutive micro-batches of the
+Epoch e shuffles the samples with seed ``seed + e`` (``lorakit.data.make_batches``; with
+``group_by_length`` the same shuffle is grouped by length, still a pure function of the seed),
+so the batches of any step can be rebuilt after a restart: resuming at step k just starts the
+loop at k. ``packing`` is the resolved bool (``resolve_packing``), not the "auto" setting.
+One optimizer step takes ``grad_accum × num_processes`` consecutive micro-batches of the
 current epoch (fewer at the end of an epoch); process i takes every num_processes-th of them.
 With several processes each epoch is cut to a multiple of num_processes micro-batches so that
 every process runs the same number of forwards per step (needed for gradient all-reduce).
@@ -29,13 +31,15 @@ class StepPlan:
     epochs: float = 1
     max_steps: int = 0
     num_processes: int = 1
+    group_by_length: bool = False
     _epochs: dict[int, list[dict]] = field(default_factory=dict, repr=False)
     _counts: dict[int, int] = field(default_factory=dict, repr=False)
 
     def epoch_batches(self, epoch: int) -> list[dict]:
         if epoch not in self._epochs:
             batches = make_batches(self.samples, self.batch_size, self.pad_token_id, self.packing,
-                                   self.max_seq_len, shuffle=True, seed=self.seed + epoch)
+                                   self.max_seq_len, shuffle=True, seed=self.seed + epoch,
+                                   group_by_length=self.group_by_length)
             keep = len(batches) - len(batches) % self.num_processes
             self._epochs = {epoch: batches[:keep]}  # keep one epoch in memory
             self._counts[epoch] = keep
