@@ -136,7 +136,9 @@ def test_verify_packing_rejects_models_where_it_is_not_exact():
 def test_resolve_packing_auto_follows_the_check_and_passes_bools_through():
     assert resolve_packing("auto", tiny_model("llama")) is True
     assert resolve_packing("auto", _IgnoresPositions()) is False  # no error: auto turns packing off
-    assert resolve_packing(True, _IgnoresPositions()) is True  # an explicit choice is not second-guessed here
+    assert resolve_packing(True, tiny_model("llama")) is True
+    with pytest.raises(LorakitError, match="packing is not exact"):  # an explicit true that cannot hold fails
+        resolve_packing(True, _IgnoresPositions())
     assert resolve_packing(False, tiny_model("llama")) is False
     with pytest.raises(LorakitError, match="data.packing must be true, false or auto, got 'yes'"):
         resolve_packing("yes", tiny_model("llama"))

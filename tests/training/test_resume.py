@@ -33,7 +33,7 @@ def test_interrupted_then_resumed_run_equals_uninterrupted_run(tiny_llama_dir, t
     assert len(reference.losses) == STEPS
 
     # Interrupt during step 4, after its first micro-batch has drawn dropout masks.
-    real_step, calls = loop._train_step, []
+    real_step, calls = loop._forward_backward, []
 
     def interrupting_step(model, micro_batches, *args):
         calls.append(1)
@@ -42,14 +42,14 @@ def test_interrupted_then_resumed_run_equals_uninterrupted_run(tiny_llama_dir, t
             raise KeyboardInterrupt
         return real_step(model, micro_batches, *args)
 
-    monkeypatch.setattr(loop, "_train_step", interrupting_step)
+    monkeypatch.setattr(loop, "_forward_backward", interrupting_step)
     config = _config(tiny_llama_dir, tmp_path, "interrupted")
     with pytest.raises(KeyboardInterrupt):
         train(config, progress=False)
     saved = latest_checkpoint(config.output_dir)
     assert saved is not None and saved.name == "step-000003"
     assert json.loads((saved / "trainer_state.json").read_text())["global_step"] == 3
-    monkeypatch.setattr(loop, "_train_step", real_step)
+    monkeypatch.setattr(loop, "_forward_backward", real_step)
 
     resumed_config = _config(tiny_llama_dir, tmp_path, "interrupted", resume=True)
     resumed = train(resumed_config, progress=False)

@@ -227,8 +227,12 @@ def batch_to_device(batch: dict, device) -> dict:
 
 
 def resolve_packing(setting: bool | str, model) -> bool:
-    """``data.packing`` as the bool ``make_batches`` takes: true and false as given; "auto" is
-    true where ``verify_packing(model)`` passes and false (no error) where it does not."""
+    """``data.packing`` as the bool ``make_batches`` takes: false as given; true after
+    ``verify_packing(model)`` passes (else its one-line error); "auto" is true where the check
+    passes and false (no error) where it does not. Adapters act per token, so the base model
+    answers for the adapted one."""
+    if setting is True:
+        verify_packing(model)
     if isinstance(setting, bool):
         return setting
     if setting != "auto":

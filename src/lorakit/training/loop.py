@@ -25,6 +25,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -141,7 +142,38 @@ def _resume_dir(resume, output_dir: Path, accelerator) -> Path | None:
 
 # --- one optimizer step ----------------------------------------------------------------------
 
-def _train_step(model, micro_batches: list[dict], step_targets: int, accelerator) -> tuple[float, int]:
+@dataclass
+class _Run:
+    """What one training run holds between its stages: built by ``_setup``, advanced by
+    ``_optimizer_step``, logged / evaluated / saved by ``_after_step``, closed by ``_finish``."""
+
+    config: TrainingConfig
+    accelerator: Any
+    model: Any                  # the adapter model (unwrapped): saving, evaluation, parameters
+    ddp_model: Any              # what forward / backward run through (DDP-wrapped with several processes)
+    optimizer: Any
+    scheduler: Any
+    plan: StepPlan
+    eval_batches: list[dict]
+    stats: Any
+    metrics: MetricsLog
+    result: TrainResult
+    config_dict: dict           # recorded in checkpoints, compared on resume
+    rng_after_step: dict | None = None
+    window_loss: float = 0.0    # loss sum and targets since the last metrics row
+    window_targets: int = 0
+    run_tokens: int = 0         # tokens trained on by this call (not by the run being resumed)
+
+    @property
+    def total(self) -> int:
+        return self.plan.total_steps
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+def _forward_backward(model, micro_batches: list[dict], step_targets: int, accelerator) -> tuple[float, int]:
     """Forward/backward over this process's micro-batches. Returns (this process's loss sum, tokens)."""
     loss_sum, tokens = 0.0, 0
     for i, batch in enumerate(micro_batches):
@@ -168,11 +200,10 @@ def _evaluate(model, batches: list[dict], accelerator) -> dict:
     return loss_and_ppl(total, int(count))
 
 
-def _start_or_resume(config, model, optimizer, scheduler, eval_batches, accelerator, metrics: MetricsLog,
-                     result: TrainResult, total: int) -> int:
+def _start_or_resume(run: _Run) -> int:
     """Restore the checkpoint ``train.resume`` names (returns its step), or start a fresh log
     with an evaluation of the untrained adapter (= the base model) and return 0."""
-    out, main = Path(config.output_dir), accelerator.is_main_process
+    config, accelerator, out = run.config, run.accelerator, Path(run.config.output_dir)
     resume_from = _resume_dir(config.train.resume, out, accelerator)
     if resume_from is not None and hasattr(config.lora, "training_hooks"):
         # AdaLoRA's allocator state (importance averages, masks) is not in checkpoints yet
@@ -180,28 +211,174 @@ def _start_or_resume(config, model, optimizer, scheduler, eval_batches, accelera
                            f"allocator state is not checkpointed); start the run again without resume")
     if resume_from is not None:
         state = ckpt.read_state(resume_from)
-        _check_resume_config(state["config"], config.to_dict(), resume_from)
-        ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, accelerator.process_index, state)
-        result.tokens_seen, result.initial_eval_loss = state["tokens_seen"], state.get("initial_eval_loss")
-        if state.get("total_steps") != total:
-            _log(accelerator, f"resume: the run now has {total} steps (was {state.get('total_steps')}); "
+        _check_resume_config(state["config"], run.config_dict, resume_from)
+        ckpt.load_checkpoint(resume_from, run.model, run.optimizer, run.scheduler, accelerator.process_index, state)
+        run.result.tokens_seen, run.result.initial_eval_loss = state["tokens_seen"], state.get("initial_eval_loss")
+        if state.get("total_steps") != run.total:
+            _log(accelerator, f"resume: the run now has {run.total} steps (was {state.get('total_steps')}); "
                               f"the lr schedule is stretched accordingly")
-        if main:
-            metrics.truncate_after(state["global_step"])
+        if run.main:
+            run.metrics.truncate_after(state["global_step"])
         _log(accelerator, f"resumed from {resume_from} at step {state['global_step']}")
         return state["global_step"]
     if ckpt.latest_checkpoint(out) is not None:
         _log(accelerator, f"note: {out / ckpt.CHECKPOINTS} holds checkpoints of an earlier run; this run starts "
                           f"from step 0 (set train.resume=true to continue instead)")
-    if main:
-        metrics.path.unlink(missing_ok=True)
-    if eval_batches:
-        first = _evaluate(model, eval_batches, accelerator)
-        result.initial_eval_loss = first["loss"]
-        if main:
-            metrics.append({"step": 0, "eval_loss": first["loss"], "eval_ppl": first["ppl"]})
+    if run.main:
+        run.metrics.path.unlink(missing_ok=True)
+    if run.eval_batches:
+        first = _evaluate(run.model, run.eval_batches, accelerator)
+        run.result.initial_eval_loss = first["loss"]
+        if run.main:
+            run.metrics.append({"step": 0, "eval_loss": first["loss"], "eval_ppl": first["ppl"]})
         _log(accelerator, f"eval before training: loss {first['loss']:.4f}, ppl {first['ppl']:.2f}")
     return 0
+
+
+# --- setting up a run ----------------------------------------------------------------------
+
+def _enable_grad_checkpointing(model) -> None:
+    lm = model.model  # recent transformers rename gradient_checkpointing_enable
+    if hasattr(lm, "activation_checkpointing_enable"):
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _model_and_data(config: TrainingConfig, accelerator):
+    """(adapter model, step plan, eval batches, data stats): base loaded in the resolved
+    precision, data built, packing decided on the base, adapters injected."""
+    from accelerate.utils import set_seed
+
+    from lorakit.data import build_datasets, make_batches
+    from lorakit.data.batching import resolve_packing
+
+    args, data, world = config.train, config.data, accelerator.num_processes
+    set_seed(args.seed)
+    precision = resolve_precision(args.precision)
+    if args.precision == "auto":
+        _log(accelerator, f"precision auto -> {precision} (host: {probe_host().summary()})")
+    base, tokenizer = load_base(config, precision=precision)
+    train_samples, eval_samples, stats = build_datasets(data, tokenizer)
+    _log(accelerator, str(stats))
+    # packing is exact or not by architecture (adapters act per token), so the base decides it;
+    # an explicit true that is not exact fails in resolve_packing with the reason
+    packing = resolve_packing(data.packing, base)
+    if data.packing == "auto":
+        _log(accelerator, f"packing auto -> {'on' if packing else 'off (not exact for this architecture)'}")
+    plan = StepPlan(train_samples, args.batch_size, args.grad_accum, tokenizer.pad_token_id, packing,
+                    data.max_seq_len, args.seed, args.epochs, args.max_steps, world,
+                    group_by_length=data.group_by_length)
+    eval_batches = [] if not eval_samples else make_batches(
+        eval_samples, args.batch_size, tokenizer.pad_token_id, packing, data.max_seq_len,
+        shuffle=False, seed=0)[accelerator.process_index::world]
+    set_seed(args.seed)  # adapter init does not depend on how much RNG data loading used
+    model = inject_adapters(base, config, plan.total_steps).to(accelerator.device)
+    if args.grad_checkpointing:
+        _enable_grad_checkpointing(model)
+    return model, plan, eval_batches, stats
+
+
+def _setup(config: TrainingConfig) -> _Run:
+    from accelerate import Accelerator
+
+    from lorakit._io import check_directory_path
+
+    check_directory_path(config.output_dir, "output_dir")  # before minutes of loading
+    args, out = config.train, Path(config.output_dir)
+    # Several CPU processes (torchrun / accelerate launch without GPUs) need cpu=True for gloo DDP.
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(cpu=multi_cpu)
+    model, plan, eval_batches, stats = _model_and_data(config, accelerator)
+    if config.method == "qlora":
+        from lorakit.adapters.qlora import base_weight_memory
+
+        _log(accelerator, base_weight_memory(model).summary())
+    trainable, all_params = model.get_nb_trainable_parameters()
+    _log(accelerator, f"{config.method} on {config.model}: {trainable:,} trainable of {all_params:,} parameters; "
+                      f"{plan.total_steps} steps of {args.batch_size} x {args.grad_accum} x "
+                      f"{accelerator.num_processes} samples")
+    optimizer = make_optimizer(model, args.lr, args.weight_decay, args.loraplus_lr_ratio)
+    scheduler = make_scheduler(optimizer, plan.total_steps, args.warmup_ratio, args.scheduler)
+    ddp_model, optimizer = accelerator.prepare(model, optimizer)
+    return _Run(config=config, accelerator=accelerator, model=model, ddp_model=ddp_model, optimizer=optimizer,
+                scheduler=scheduler, plan=plan, eval_batches=eval_batches, stats=stats, metrics=MetricsLog(out),
+                result=TrainResult(output_dir=out, global_step=0), config_dict=config.to_dict())
+
+
+# --- one optimizer step, and what follows it -------------------------------------------------
+
+def _optimizer_step(run: _Run, step: int) -> dict:
+    """Run global step ``step`` (0-based): this process's micro-batches forward/backward, clip,
+    AdamW, schedule, AdaLoRA's allocation. Returns the step's figures summed over processes."""
+    args, accelerator = run.config.train, run.accelerator
+    micro_batches, step_targets = run.plan.process_batches(step, accelerator.process_index)
+    loss_sum, tokens = _forward_backward(run.ddp_model, micro_batches, step_targets, accelerator)
+    grad_norm = None
+    if args.max_grad_norm > 0:
+        grad_norm = float(accelerator.clip_grad_norm_(run.model.parameters(), args.max_grad_norm))
+    lr = run.scheduler.get_last_lr()[0]
+    with _defer_sigint():
+        run.optimizer.step()
+        run.scheduler.step()
+        if hasattr(run.model, "update_and_allocate"):  # AdaLoRA's rank allocator
+            run.model.update_and_allocate(step + 1)
+        run.optimizer.zero_grad(set_to_none=True)
+        run.rng_after_step = ckpt.capture_rng()
+    loss_sum, tokens = _reduce_sum(accelerator, loss_sum, tokens)
+    return {"loss_sum": loss_sum, "targets": step_targets, "tokens": int(tokens), "grad_norm": grad_norm, "lr": lr}
+
+
+def _record_step(run: _Run, step: int, figures: dict, seconds: float, bar) -> None:
+    """Account the finished step ``step`` (1-based) and write a metrics row every logging_steps."""
+    result, args = run.result, run.config.train
+    result.elapsed_s += seconds
+    result.tokens_seen += figures["tokens"]
+    result.losses[step] = figures["loss_sum"] / figures["targets"]
+    run.window_loss += figures["loss_sum"]
+    run.window_targets += figures["targets"]
+    run.run_tokens += figures["tokens"]
+    tokens_per_s = run.run_tokens / max(result.elapsed_s, 1e-9)
+    bar.set_postfix(loss=f"{result.losses[step]:.4f}", lr=f"{figures['lr']:.2e}", tok_s=f"{tokens_per_s:.0f}",
+                    refresh=False)
+    bar.update(1)
+    if run.main and (step % args.logging_steps == 0 or step == run.total):
+        run.metrics.append({"step": step, "epoch": round(step / run.plan.steps_per_epoch, 4),
+                            "loss": run.window_loss / run.window_targets, "lr": figures["lr"],
+                            "grad_norm": figures["grad_norm"], "tokens": result.tokens_seen,
+                            "tokens_per_s": round(tokens_per_s, 1), "elapsed_s": round(result.elapsed_s, 3)})
+        run.window_loss, run.window_targets = 0.0, 0
+
+
+def _save(run: _Run, at_step: int, gather: bool = True) -> None:
+    """Checkpoint of step ``at_step`` with every process's RNG state (``gather`` False after
+    Ctrl-C, when the other processes may not reach a collective)."""
+    from accelerate.utils import gather_object
+
+    world, rng_state = run.accelerator.num_processes, run.rng_after_step
+    states = gather_object([rng_state]) if (gather and world > 1) else [rng_state] * world
+    if run.main:
+        epoch, start = run.plan.position(at_step) if at_step < run.total else (None, None)
+        ckpt.save_checkpoint(ckpt.checkpoint_dir(run.result.output_dir, at_step), run.model, run.optimizer,
+                             run.scheduler, states, {
+                                 "global_step": at_step, "epoch": epoch,
+                                 "step_in_epoch": None if start is None else at_step - start,
+                                 "total_steps": run.total, "tokens_seen": run.result.tokens_seen,
+                                 "initial_eval_loss": run.result.initial_eval_loss, "config": run.config_dict})
+    if gather:
+        run.accelerator.wait_for_everyone()
+
+
+def _after_step(run: _Run, step: int) -> None:
+    """The schedule after step ``step`` (1-based): evaluate every eval_every, save every save_every."""
+    args = run.config.train
+    if run.eval_batches and args.eval_every and step % args.eval_every == 0 and step < run.total:
+        row = _evaluate(run.model, run.eval_batches, run.accelerator)
+        if run.main:
+            run.metrics.append({"step": step, "eval_loss": row["loss"], "eval_ppl": row["ppl"]})
+        _log(run.accelerator, f"step {step}: eval loss {row['loss']:.4f}, ppl {row['ppl']:.2f}")
+    if args.save_every and step % args.save_every == 0:
+        _save(run, step)
 
 
 # --- the loop ------------------------------------------------------------------------------
@@ -209,131 +386,39 @@ def _start_or_resume(config, model, optimizer, scheduler, eval_batches, accelera
 def train(config: TrainingConfig, progress: bool = True) -> TrainResult:
     """Train adapters as ``config`` says; write the final adapter, model card, metrics.jsonl
     and loss.png into ``config.output_dir``; return the run's figures."""
-    from accelerate import Accelerator
-    from accelerate.utils import gather_object, set_seed
     from tqdm import tqdm
 
-    from lorakit.data import build_datasets, make_batches, verify_packing
-
-    args, out = config.train, Path(config.output_dir)
-    # Several CPU processes (torchrun / accelerate launch without GPUs) need cpu=True for gloo DDP.
-    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    accelerator = Accelerator(cpu=multi_cpu)
-    main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
-
-    set_seed(args.seed)
-    precision = resolve_precision(args.precision)
-    if args.precision == "auto":
-        _log(accelerator, f"precision auto -> {precision} (host: {probe_host().summary()})")
-    base, tokenizer = load_base(config, precision=precision)
-    train_samples, eval_samples, stats = build_datasets(config.data, tokenizer)
-    _log(accelerator, str(stats))
-    plan = StepPlan(train_samples, args.batch_size, args.grad_accum, tokenizer.pad_token_id, config.data.packing,
-                    config.data.max_seq_len, args.seed, args.epochs, args.max_steps, world)
-    total = plan.total_steps
-    eval_batches = [] if not eval_samples else make_batches(
-        eval_samples, args.batch_size, tokenizer.pad_token_id, config.data.packing, config.data.max_seq_len,
-        shuffle=False, seed=0)[rank::world]
-
-    set_seed(args.seed)  # adapter init does not depend on how much RNG data loading used
-    model = inject_adapters(base, config, total).to(accelerator.device)
-    if config.data.packing:
-        verify_packing(model)
-    if args.grad_checkpointing:
-        lm = model.model  # recent transformers rename gradient_checkpointing_enable
-        if hasattr(lm, "activation_checkpointing_enable"):
-            lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if config.method == "qlora":
-        from lorakit.adapters.qlora import base_weight_memory
-
-        _log(accelerator, base_weight_memory(model).summary())
-    trainable, all_params = model.get_nb_trainable_parameters()
-    _log(accelerator, f"{config.method} on {config.model}: {trainable:,} trainable of {all_params:,} parameters; "
-                      f"{total} steps of {args.batch_size} x {args.grad_accum} x {world} samples")
-
-    optimizer = make_optimizer(model, args.lr, args.weight_decay, args.loraplus_lr_ratio)
-    scheduler = make_scheduler(optimizer, total, args.warmup_ratio, args.scheduler)
-    ddp_model, optimizer = accelerator.prepare(model, optimizer)
-    config_dict = config.to_dict()  # recorded in checkpoints, compared on resume
-
-    metrics = MetricsLog(out)
-    result = TrainResult(output_dir=out, global_step=0)
-    step = _start_or_resume(config, model, optimizer, scheduler, eval_batches, accelerator, metrics, result, total)
-
-    def save(at_step: int, rng_state: dict, gather: bool = True) -> None:
-        states = gather_object([rng_state]) if (gather and world > 1) else [rng_state] * world
-        if main:
-            epoch, start = plan.position(at_step) if at_step < total else (None, None)
-            ckpt.save_checkpoint(ckpt.checkpoint_dir(out, at_step), model, optimizer, scheduler, states, {
-                "global_step": at_step, "epoch": epoch, "step_in_epoch": None if start is None else at_step - start,
-                "total_steps": total, "tokens_seen": result.tokens_seen,
-                "initial_eval_loss": result.initial_eval_loss, "config": config_dict})
-        if gather:  # after Ctrl-C the other processes may not reach a barrier
-            accelerator.wait_for_everyone()
-
-    model.train()
-    bar = tqdm(total=total, initial=step, disable=not (progress and main), unit="step", dynamic_ncols=True)
-    rng_after_step = ckpt.capture_rng()
-    window_loss, window_targets, run_tokens = 0.0, 0, 0
+    run = _setup(config)
+    step = _start_or_resume(run)
+    run.model.train()
+    bar = tqdm(total=run.total, initial=step, disable=not (progress and run.main), unit="step", dynamic_ncols=True)
+    run.rng_after_step = ckpt.capture_rng()
     try:
-        while step < total:
+        while step < run.total:
             started = time.perf_counter()
-            micro_batches, step_targets = plan.process_batches(step, rank)
-            loss_sum, tokens = _train_step(ddp_model, micro_batches, step_targets, accelerator)
-            grad_norm = None
-            if args.max_grad_norm > 0:
-                grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm))
-            lr = scheduler.get_last_lr()[0]
-            with _defer_sigint():
-                optimizer.step()
-                scheduler.step()
-                if hasattr(model, "update_and_allocate"):  # AdaLoRA's rank allocator
-                    model.update_and_allocate(step + 1)
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                rng_after_step = ckpt.capture_rng()
-            loss_sum, tokens = _reduce_sum(accelerator, loss_sum, tokens)
-            step_loss = loss_sum / step_targets
-            result.elapsed_s += time.perf_counter() - started
-            result.tokens_seen += int(tokens)
-            result.losses[step] = step_loss
-            window_loss, window_targets = window_loss + loss_sum, window_targets + step_targets
-            run_tokens += int(tokens)
-            tokens_per_s = run_tokens / max(result.elapsed_s, 1e-9)
-            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
-            bar.update(1)
-            if main and (step % args.logging_steps == 0 or step == total):
-                metrics.append({"step": step, "epoch": round(step / plan.steps_per_epoch, 4),
-                                "loss": window_loss / window_targets, "lr": lr, "grad_norm": grad_norm,
-                                "tokens": result.tokens_seen, "tokens_per_s": round(tokens_per_s, 1),
-                                "elapsed_s": round(result.elapsed_s, 3)})
-                window_loss, window_targets = 0.0, 0
-            if eval_batches and args.eval_every and step % args.eval_every == 0 and step < total:
-                row = _evaluate(model, eval_batches, accelerator)
-                if main:
-                    metrics.append({"step": step, "eval_loss": row["loss"], "eval_ppl": row["ppl"]})
-                _log(accelerator, f"step {step}: eval loss {row['loss']:.4f}, ppl {row['ppl']:.2f}")
-            if args.save_every and step % args.save_every == 0:
-                save(step, rng_after_step)
+            figures = _optimizer_step(run, step)
+            step += 1
+            _record_step(run, step, figures, time.perf_counter() - started, bar)
+            _after_step(run, step)
     except KeyboardInterrupt:
         bar.close()
-        optimizer.zero_grad(set_to_none=True)
-        save(step, rng_after_step, gather=False)
-        _log(accelerator, f"interrupted: checkpoint of step {step} saved in {ckpt.checkpoint_dir(out, step)}; "
-                          f"continue with train.resume=true")
+        run.optimizer.zero_grad(set_to_none=True)
+        _save(run, step, gather=False)
+        _log(run.accelerator, f"interrupted: checkpoint of step {step} saved in "
+                              f"{ckpt.checkpoint_dir(run.result.output_dir, step)}; continue with train.resume=true")
         raise
     bar.close()
-    result.tokens_per_s = run_tokens / max(result.elapsed_s, 1e-9)
-    return _finish(config, model, eval_batches, accelerator, metrics, result, stats, step)
+    run.result.tokens_per_s = run.run_tokens / max(run.result.elapsed_s, 1e-9)
+    return _finish(run, step)
 
 
-def _finish(config, model, eval_batches, accelerator, metrics, result: TrainResult, stats, step: int):
+def _finish(run: _Run, step: int) -> TrainResult:
     """Final eval, adapter files, model card, training config, loss plot."""
     from lorakit._io import write_text_atomic
     from lorakit.training.model_card import write_model_card
 
+    config, model, eval_batches, accelerator = run.config, run.model, run.eval_batches, run.accelerator
+    metrics, result, stats = run.metrics, run.result, run.stats
     out = Path(config.output_dir)
     result.global_step = step
     if eval_batches:
