@@ -43,7 +43,9 @@ class TrainArgs:
     evaluations / checkpoints (0 = only at the end / never). resume: true continues from the
     latest checkpoint in output_dir/checkpoints (or a checkpoint directory path).
     loraplus_lr_ratio: LoRA+ (Hayou et al. 2024), lr of every lora_B = ratio x lr (None = off).
-    logging_steps: steps between rows of metrics.jsonl.
+    logging_steps: steps between rows of metrics.jsonl. compile: true | false | auto, the decoder
+    blocks through torch.compile (auto: on GPUs, not on CPUs, where it measured slower; see
+    lorakit.training.compile).
     """
 
     epochs: float = 1
@@ -63,6 +65,7 @@ class TrainArgs:
     resume: bool | str = False
     loraplus_lr_ratio: float | None = None
     logging_steps: int = 1
+    compile: bool | str = "auto"
 
     def __post_init__(self):
         if self.scheduler not in SCHEDULERS:
@@ -79,6 +82,8 @@ class TrainArgs:
         _check_number(self, "warmup_ratio", low=0.0, high=1.0)
         _check_number(self, "weight_decay", low=0.0)
         _check_number(self, "max_grad_norm", low=0.0)
+        if not (self.compile is True or self.compile is False or self.compile == "auto"):
+            raise LorakitError(f"train.compile must be true, false or auto, got {self.compile!r}")
         if self.loraplus_lr_ratio is not None:
             _check_number(self, "loraplus_lr_ratio", low=0.0, low_open=True)
 

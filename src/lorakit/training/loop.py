@@ -33,6 +33,7 @@ from lorakit.config import TrainingConfig, config_to_yaml
 from lorakit.errors import LorakitError
 from lorakit.hardware import probe_host, resolve_precision
 from lorakit.training import checkpoint as ckpt
+from lorakit.training.compile import compile_blocks
 from lorakit.training.evaluate import batch_loss_sum, count_tokens, loss_and_ppl, loss_sums
 from lorakit.training.metrics import PLOT_NAME, MetricsLog, plot_losses
 from lorakit.training.optim import make_optimizer
@@ -276,6 +277,9 @@ def _model_and_data(config: TrainingConfig, accelerator):
     model = inject_adapters(base, config, plan.total_steps).to(accelerator.device)
     if args.grad_checkpointing:
         _enable_grad_checkpointing(model)
+    message = compile_blocks(model.model, args.compile, accelerator.device.type)
+    if args.compile is not False:
+        _log(accelerator, message)
     return model, plan, eval_batches, stats
 
 
