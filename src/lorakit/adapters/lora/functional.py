@@ -36,3 +36,44 @@ def merge_into(weight: torch.Tensor, delta: torch.Tensor) -> None:
 def unmerge_from(weight: torch.Tensor, delta: torch.Tensor) -> None:
     """W <- W - delta in place (inverse of ``merge_into`` up to W's rounding)."""
     weight.data.copy_((weight.data.float() - delta.float()).to(weight.dtype))
+
+
+class _LoraLinear(torch.autograd.Function):
+    """y = x Wᵀ + b + s · (x Aᵀ) Bᵀ for a frozen W, with hand-written gradients.
+
+    x (N, in), W (out, in), b (out,) or None, A (r, in), B (out, r). With h = x Aᵀ (N, r) and
+    g = ∂L/∂y (N, out):
+        ∂L/∂B = s · gᵀ h,   ∂L/∂h = s · g B,   ∂L/∂A = (∂L/∂h)ᵀ x,   ∂L/∂x = g W + (∂L/∂h) A
+    The low-rank term is accumulated into the base product by the matmul itself (addmm with
+    beta = 1), in forward and in backward, instead of autograd's separate scale and add passes
+    over (N, out) and (N, in) tensors; h is the only activation saved besides x.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float):
+        h = x @ lora_A.T                                               # (N, r)
+        y = torch.nn.functional.linear(x, weight, bias)                # (N, out)
+        y.addmm_(h, lora_B.T, alpha=scaling)                           # + s · h Bᵀ, in place
+        ctx.save_for_backward(x, weight, lora_A, lora_B, h)
+        ctx.scaling = scaling
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, lora_A, lora_B, h = ctx.saved_tensors
+        s = ctx.scaling
+        grad_h = (grad_y @ lora_B).mul_(s)                             # (N, r)
+        grad_B = (grad_y.T @ h).mul_(s)                                # (out, r)
+        grad_A = grad_h.T @ x                                          # (r, in)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_y @ weight).addmm_(grad_h, lora_A)          # (N, in)
+        return grad_x, None, None, grad_A, grad_B, None
+
+
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
+                lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``F.linear(x, W, b) + scaling · F.linear(F.linear(x, A), B)`` for a frozen W and b (no
+    gradient is returned for them), x (..., in) -> (..., out); see ``_LoraLinear``."""
+    flat = x.reshape(-1, x.shape[-1])                                  # (N, in)
+    return _LoraLinear.apply(flat, weight, bias, lora_A, lora_B, scaling).view(*x.shape[:-1], weight.shape[0])

@@ -21,7 +21,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lorakit.adapters.dora.layer import dora_forward, dora_merge_delta, dora_unmerge_delta, init_dora
-from lorakit.adapters.lora.functional import delta_weight, lora_scaling, merge_into, unmerge_from
+from lorakit.adapters.lora.functional import delta_weight, lora_linear, lora_scaling, merge_into, unmerge_from
 from lorakit.adapters.pissa import is_pissa, pissa_factors, pissa_niter
 from lorakit.adapters.qlora.base import dense_dtype, dense_linear, dense_weight, is_quantized
 from lorakit.errors import LorakitError
@@ -163,7 +163,26 @@ class LoraLayer(nn.Module):
         h = lora_A(self.lora_dropout[name](x.to(lora_A.weight.dtype)))  # (..., r)
         return self.lora_B[name](h) * self.scaling[name]  # (..., out)
 
+    def _single_plain_adapter(self, x: torch.Tensor, args, kwargs) -> str | None:
+        """The adapter name when this forward is one plain LoRA adapter (no dropout, no DoRA) over
+        a frozen fp32/fp64 nn.Linear with everything in one dtype: the case ``lora_linear`` fuses."""
+        if args or kwargs or self.disable_adapters or self.mixed_batch is not None:
+            return None
+        names = pending_adapters(self)
+        if len(names) != 1 or names[0] in self.lora_magnitude_vector:
+            return None
+        name, base = names[0], self.base_layer
+        if type(base) is not nn.Linear or base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+            return None
+        if not isinstance(self.lora_dropout[name], nn.Identity) or x.dtype != base.weight.dtype:
+            return None
+        return name if self.lora_A[name].weight.dtype == x.dtype else None
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        name = self._single_plain_adapter(x, args, kwargs)
+        if name is not None:  # the common training case, fused (same math as the loop below)
+            return lora_linear(x, self.base_layer.weight, self.base_layer.bias, self.lora_A[name].weight,
+                               self.lora_B[name].weight, self.scaling[name])
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters:
             check_disable_allowed(self)

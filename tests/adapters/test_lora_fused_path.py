@@ -1,0 +1,75 @@
+"""The fused LoRA linear (one autograd node, low-rank term accumulated by addmm) equals the
+plain composition of linears, in value and in the gradients of x, A and B; LoraLayer takes it
+only in the plain case (one adapter, no dropout, no DoRA, a frozen Linear in the adapter's dtype)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lorakit.adapters.lora import LoraLayer
+from lorakit.adapters.lora.functional import lora_linear
+from tiny_models import FP32_ATOL
+
+
+def _reference(x, weight, bias, A, B, s):
+    return nn.functional.linear(x, weight, bias) + s * nn.functional.linear(nn.functional.linear(x, A), B)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_lora_linear_equals_reference_value_and_gradients(dtype, with_bias):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 24, generator=g, dtype=dtype, requires_grad=True)   # (B, T, in)
+    weight = torch.randn(40, 24, generator=g, dtype=dtype)
+    bias = torch.randn(40, generator=g, dtype=dtype) if with_bias else None
+    A = torch.randn(6, 24, generator=g, dtype=dtype, requires_grad=True)
+    B = torch.randn(40, 6, generator=g, dtype=dtype, requires_grad=True)
+    upstream = torch.randn(3, 5, 40, generator=g, dtype=dtype)
+    ours = lora_linear(x, weight, bias, A, B, 0.75)
+    (ours * upstream).sum().backward()
+    grads = [t.grad.clone() for t in (x, A, B)]
+    for t in (x, A, B):
+        t.grad = None
+    reference = _reference(x, weight, bias, A, B, 0.75)
+    (reference * upstream).sum().backward()
+    atol = FP32_ATOL if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(ours, reference, atol=atol, rtol=1e-5)
+    for mine, theirs in zip(grads, (x.grad, A.grad, B.grad)):
+        torch.testing.assert_close(mine, theirs, atol=atol, rtol=1e-5)
+
+
+def _layer(dropout=0.0, dora=False, dtype=torch.float32):
+    torch.manual_seed(0)
+    layer = LoraLayer(nn.Linear(24, 40, dtype=dtype).requires_grad_(False))
+    layer.add_adapter("default", r=4, lora_alpha=8, lora_dropout=dropout, init_lora_weights=False, use_dora=dora)
+    return layer
+
+
+def _calls(layer, x):
+    """Output of the layer and whether the fused node produced it."""
+    y = layer(x)
+    node, names = y.grad_fn, []
+    while node is not None and len(names) < 3:  # the output is a view of the node's (N, out) result
+        names.append(type(node).__name__)
+        node = node.next_functions[0][0] if node.next_functions else None
+    return y, any(name.startswith("_LoraLinear") for name in names)
+
+
+def test_layer_uses_the_fused_path_only_in_the_plain_case():
+    x = torch.randn(2, 7, 24, requires_grad=True)
+    y, fused = _calls(_layer(), x)
+    assert fused
+    manual = _layer()
+    reference = manual.base_layer(x) + manual.adapter_output("default", x)
+    torch.testing.assert_close(y, reference, atol=FP32_ATOL, rtol=1e-5)
+    assert not _calls(_layer(dropout=0.1).train(), x)[1]      # dropout: the general path
+    assert not _calls(_layer(dora=True), x)[1]                # DoRA: its own strategy
+    assert not _calls(_layer(dtype=torch.bfloat16), x.to(torch.bfloat16))[1]  # fp32 adapters over bf16
+    trainable = _layer()
+    trainable.base_layer.weight.requires_grad_(True)          # a trained base needs its weight gradient
+    assert not _calls(trainable, x)[1]
+    disabled = _layer()
+    disabled.disable_adapters = True
+    torch.testing.assert_close(disabled(x), disabled.base_layer(x))
