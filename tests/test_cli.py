@@ -145,3 +145,16 @@ def test_help_is_fast_because_nothing_heavy_is_imported():
     help_text = subprocess.run([sys.executable, "-m", "lorakit.cli", "--help"], capture_output=True, text=True).stdout
     for command in ("train", "generate", "chat", "eval", "merge", "info"):
         assert command in help_text
+
+
+def test_env_prints_the_measured_host(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path))
+    assert main(["env", "--refresh", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["capability"] == torch.backends.cpu.get_cpu_capability()
+    assert info["fp32_gflops"] > 0 and info["bf16_gflops"] > 0 and info["memory_gbps"] > 0
+    assert info["precision_auto"] == ("bf16" if info["bf16_native"] and info["bf16_gflops"] >= 1.3 * info["fp32_gflops"]
+                                      else "fp32")
+    assert info["versions"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
+    assert main(["env"]) == 0  # text form, read back from the cache the first call wrote
+    assert "matmul fp32:" in capsys.readouterr().out and list((tmp_path / "host").glob("probe-*.json"))
