@@ -43,6 +43,7 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float,
         from lorakit.errors import LorakitError
 
         raise LorakitError("the model has no trainable parameters; check lora.target_modules")
-    # fused: one kernel over all adapter tensors instead of a Python loop of small ops per tensor
-    # (the same update; torch implements it on CPU and CUDA)
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=True)
+    # foreach: each update op runs over all adapter tensors at once instead of a Python loop of small
+    # ops per tensor (the same update). Measured on CPU for SmolLM2's 420 LoRA tensors: foreach
+    # 30 ms, fused 265 ms, the per-tensor loop (torch's CPU default) up to seconds on a busy host.
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, foreach=True)
