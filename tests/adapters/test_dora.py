@@ -111,6 +111,7 @@ def test_dora_keeps_little_more_activation_memory_than_lora(dtype):
         layer = LoraLayer(nn.Linear(96, 160, bias=False, dtype=dtype))  # bf16 base: fp32 adapters
         layer.add_adapter("default", r=8, lora_alpha=16, use_dora=use_dora)
         layer.weight.requires_grad_(False)
+        layer.eval()  # bf16 base: LoRA's fp32 product (a training step would take the bf16 mixed-precision path)
         sizes[use_dora], _ = _saved_bytes(layer, x)
     out_bytes = 4 * 64 * 160 * x.element_size()
     # DoRA saves its output, which SiLU saves anyway: only g (out,) and small extras are added

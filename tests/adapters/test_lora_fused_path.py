@@ -66,10 +66,30 @@ def test_layer_uses_the_fused_path_only_in_the_plain_case():
     torch.testing.assert_close(y, reference, atol=FP32_ATOL, rtol=1e-5)
     assert not _calls(_layer(dropout=0.1).train(), x)[1]      # dropout: the general path
     assert not _calls(_layer(dora=True), x)[1]                # DoRA: its own strategy
-    assert not _calls(_layer(dtype=torch.bfloat16), x.to(torch.bfloat16))[1]  # fp32 adapters over bf16
+    assert not _calls(_layer(dtype=torch.bfloat16).eval(), x.to(torch.bfloat16))[1]  # fp32 adapters over bf16: eval
+    assert _calls(_layer(dtype=torch.bfloat16).train(), x.to(torch.bfloat16))[1]  # ... a training step: mixed
     trainable = _layer()
     trainable.base_layer.weight.requires_grad_(True)          # a trained base needs its weight gradient
     assert not _calls(trainable, x)[1]
     disabled = _layer()
     disabled.disable_adapters = True
     torch.testing.assert_close(disabled(x), disabled.base_layer(x))
+
+
+def test_mixed_precision_step_over_bf16_base_keeps_fp32_master_gradients():
+    """bf16 base, fp32 adapters, training: the fused product runs in bf16 and the adapter
+    gradients come back in fp32, close to the fp32 computation at bf16's precision."""
+    layer = _layer(dtype=torch.bfloat16).train()
+    x = torch.randn(4, 9, 24, generator=torch.Generator().manual_seed(3))
+    y = layer(x.to(torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    assert A.grad.dtype == torch.float32 and B.grad.dtype == torch.float32
+    grads = A.grad.clone(), B.grad.clone()
+    A.grad = B.grad = None
+    W = layer.base_layer.weight.float()
+    reference = _reference(x.to(torch.bfloat16).float(), W, layer.base_layer.bias.float(), A, B, layer.scaling["default"])
+    reference.square().sum().backward()
+    for mine, theirs in zip(grads, (A.grad, B.grad)):
+        assert (mine - theirs).norm() <= 0.02 * theirs.norm()  # bf16 rounding, not a different gradient

@@ -47,33 +47,39 @@ class _LoraLinear(torch.autograd.Function):
     The low-rank term is accumulated into the base product by the matmul itself (addmm with
     beta = 1), in forward and in backward, instead of autograd's separate scale and add passes
     over (N, out) and (N, in) tensors; h is the only activation saved besides x.
+
+    Everything is computed in x's dtype (the base's). Over a bf16 base the fp32 adapter weights
+    are rounded to bf16 for the product (A and B are small) and their gradients returned in fp32,
+    as mixed-precision training does: the master weights and the optimizer stay fp32.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float):
-        h = x @ lora_A.T                                               # (N, r)
+        A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)                   # no copy when dtypes match
+        h = x @ A.T                                                    # (N, r)
         y = torch.nn.functional.linear(x, weight, bias)                # (N, out)
-        y.addmm_(h, lora_B.T, alpha=scaling)                           # + s · h Bᵀ, in place
-        ctx.save_for_backward(x, weight, lora_A, lora_B, h)
-        ctx.scaling = scaling
+        y.addmm_(h, B.T, alpha=scaling)                                # + s · h Bᵀ, in place
+        ctx.save_for_backward(x, weight, A, B, h)
+        ctx.scaling, ctx.master_dtype = scaling, lora_A.dtype
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, lora_A, lora_B, h = ctx.saved_tensors
+        x, weight, A, B, h = ctx.saved_tensors
         s = ctx.scaling
-        grad_h = (grad_y @ lora_B).mul_(s)                             # (N, r)
-        grad_B = (grad_y.T @ h).mul_(s)                                # (out, r)
-        grad_A = grad_h.T @ x                                          # (r, in)
+        grad_h = (grad_y @ B).mul_(s)                                  # (N, r)
+        grad_B = (grad_y.T @ h).mul_(s).to(ctx.master_dtype)           # (out, r)
+        grad_A = (grad_h.T @ x).to(ctx.master_dtype)                   # (r, in)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad_y @ weight).addmm_(grad_h, lora_A)          # (N, in)
+            grad_x = (grad_y @ weight).addmm_(grad_h, A)               # (N, in)
         return grad_x, None, None, grad_A, grad_B, None
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
                 lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
     """``F.linear(x, W, b) + scaling · F.linear(F.linear(x, A), B)`` for a frozen W and b (no
-    gradient is returned for them), x (..., in) -> (..., out); see ``_LoraLinear``."""
+    gradient is returned for them), x (..., in) -> (..., out), computed in x's dtype; see
+    ``_LoraLinear``."""
     flat = x.reshape(-1, x.shape[-1])                                  # (N, in)
     return _LoraLinear.apply(flat, weight, bias, lora_A, lora_B, scaling).view(*x.shape[:-1], weight.shape[0])

@@ -165,7 +165,9 @@ class LoraLayer(nn.Module):
 
     def _single_plain_adapter(self, x: torch.Tensor, args, kwargs) -> str | None:
         """The adapter name when this forward is one plain LoRA adapter (no dropout, no DoRA) over
-        a frozen fp32/fp64 nn.Linear with everything in one dtype: the case ``lora_linear`` fuses."""
+        a frozen nn.Linear in x's dtype: the case ``lora_linear`` fuses. Adapters in another dtype
+        than x (fp32 over a bf16 base) qualify only in a training step (mixed precision: the
+        product in bf16, fp32 master weights); evaluation and generation keep the fp32 product."""
         if args or kwargs or self.disable_adapters or self.mixed_batch is not None:
             return None
         names = pending_adapters(self)
@@ -176,7 +178,8 @@ class LoraLayer(nn.Module):
             return None
         if not isinstance(self.lora_dropout[name], nn.Identity) or x.dtype != base.weight.dtype:
             return None
-        return name if self.lora_A[name].weight.dtype == x.dtype else None
+        same_dtype = self.lora_A[name].weight.dtype == x.dtype
+        return name if same_dtype or (self.training and torch.is_grad_enabled()) else None
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         name = self._single_plain_adapter(x, args, kwargs)
