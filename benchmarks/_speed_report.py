@@ -24,10 +24,14 @@ def judge_a(lorakit: dict, peer: dict, targets: dict) -> dict:
 
 def judge_b(lorakit_bf16: dict, peer_bf16: dict, peer_fp32: dict, targets: dict) -> dict:
     ratio = lorakit_bf16["tokens_per_s"] / peer_fp32["tokens_per_s"]
-    diff = lorakit_bf16["heldout_loss"] - peer_fp32["heldout_loss"]
+    # The target is judged on held-out real text: on random tokens the loss is ~13-14 nats, where
+    # bf16 rounding alone moves it by ~0.1, so that figure says nothing about training quality.
     text = [s.get("heldout_text_loss") for s in (lorakit_bf16, peer_fp32)]
+    text_diff = None if None in text else text[0] - text[1]
+    diff = text_diff if text_diff is not None else lorakit_bf16["heldout_loss"] - peer_fp32["heldout_loss"]
     return {"lorakit_bf16": lorakit_bf16, "peer_bf16": peer_bf16, "peer_fp32": peer_fp32,
-            "heldout_text_diff_vs_peer_fp32": None if None in text else text[0] - text[1],
+            "heldout_text_diff_vs_peer_fp32": text_diff,
+            "heldout_random_diff_vs_peer_fp32": lorakit_bf16["heldout_loss"] - peer_fp32["heldout_loss"],
             "ratio_vs_peer_bf16": lorakit_bf16["tokens_per_s"] / peer_bf16["tokens_per_s"],
             "ratio_vs_peer_fp32": ratio, "heldout_diff_vs_peer_fp32": diff,
             "targets": {"tokens_per_s_vs_peer_fp32": _target(ratio, targets["b_ratio"], True,
@@ -112,11 +116,10 @@ def format_b(section: dict, options: dict) -> list[str]:
               ["tokens/s lorakit bf16 / peer bf16", f"{section['ratio_vs_peer_bf16']:.2f}x"],
               ["tokens/s lorakit bf16 / peer fp32", f"{section['ratio_vs_peer_fp32']:.2f}x",
                *_verdict(targets["tokens_per_s_vs_peer_fp32"])],
-              ["held-out loss lorakit bf16 - peer fp32 (random batch)",
-               f"{section['heldout_diff_vs_peer_fp32']:+.4f}", *_verdict(targets["heldout_loss_diff"])]]
-    text_diff = section.get("heldout_text_diff_vs_peer_fp32")
-    if text_diff is not None:
-        checks.append(["  the same on 8 real-text rows (information)", f"{text_diff:+.4f}"])
+              ["held-out loss lorakit bf16 - peer fp32 (real-text rows)",
+               f"{section['heldout_diff_vs_peer_fp32']:+.4f}", *_verdict(targets["heldout_loss_diff"])],
+              ["  the same on the random batch (information: bf16 rounding at loss ~13)",
+               f"{section['heldout_random_diff_vs_peer_fp32']:+.4f}"]]
     met = all(t["met"] for t in targets.values())
     return (_grid(rows) + _grid(checks) + [f"  target (b): {'met' if met else 'NOT MET'}",
                                            _flops_line(sides[0], options["batch_size"], options["seq_len"], "bf16")])

@@ -112,6 +112,19 @@ def test_longest_batch_goes_first():
             assert widths[0] == max(widths)
 
 
+def test_packed_batches_hold_about_batch_size_samples():
+    """Packing saves padding, not steps: each packed batch holds whole rows adding up to at least
+    batch_size samples (all but the last), so an epoch has about as many steps as unpacked."""
+    lengths = _lengths()
+    for group in (False, True):
+        plan = plan_batches(lengths, 6, True, MAX_SEQ_LEN, True, 1, group)
+        counts = [sum(len(row) for row in batch) for batch in plan]
+        assert all(count >= 6 for count in counts[:-1]) and sum(counts) == len(lengths)
+        assert all(count - len(batch[-1]) < 6 for count, batch in zip(counts, plan))  # no row more than needed
+        unpacked = plan_batches(lengths, 6, False, MAX_SEQ_LEN, True, 1, group)
+        assert len(unpacked) * 0.6 <= len(plan) <= len(unpacked)  # whole rows: a batch may overshoot a little
+
+
 def test_grouping_off_or_unshuffled_keeps_the_old_layout():
     lengths = _lengths()
     order = list(range(len(lengths)))
@@ -119,7 +132,8 @@ def test_grouping_off_or_unshuffled_keeps_the_old_layout():
     assert plan_batches(lengths, 4, False, MAX_SEQ_LEN, True, 5) == [[[i] for i in order[k: k + 4]]
                                                                      for k in range(0, len(order), 4)]
     rows = [[order[p] for p in row] for row in pack_rows([lengths[i] for i in order], MAX_SEQ_LEN)]
-    assert plan_batches(lengths, 4, True, MAX_SEQ_LEN, True, 5) == [rows[k: k + 4] for k in range(0, len(rows), 4)]
+    flat = [row for batch in plan_batches(lengths, 4, True, MAX_SEQ_LEN, True, 5) for row in batch]
+    assert flat == rows  # greedy rows in shuffled order, batched by sample count
     for packing in (False, True):  # evaluation batches (no shuffle) are never regrouped
         assert plan_batches(lengths, 4, packing, MAX_SEQ_LEN, False, 0, True) == \
             plan_batches(lengths, 4, packing, MAX_SEQ_LEN, False, 0, False)

@@ -29,9 +29,9 @@ Length grouping (``group_by_length``, used when shuffling), as transformers' Tra
 ``mult × batch_size`` samples, mult = min(50, n // (4 · batch_size)) (at least 1, so a small
 data set still has about 4 pools and some randomness); each pool is sorted by length,
 longest first, and cut into batches, so a batch holds samples of similar length and pads
-little. With packing the pools hold ``mult × batch_size`` rows' worth of tokens (mult from the
-row count, n_tokens / max_seq_len) and are packed first-fit decreasing, which leaves fewer and
-fuller rows than greedy packing in shuffled order. Either way the batch with the longest row
+little. With packing the same pools are packed first-fit decreasing, which leaves fewer and
+fuller rows than greedy packing in shuffled order, and rows are batched so that a batch holds
+about ``batch_size`` samples (whole rows; see ``make_batches``). Either way the batch with the longest row
 goes first, so an out-of-memory shows at step 1, and the result is a pure function of
 (sample lengths, seed, settings): a restarted run rebuilds the same batches.
 """
@@ -160,11 +160,27 @@ def _packed_pool_rows(pools: list[list[int]], lengths: list[int], max_seq_len: i
 def _grouped_rows(order: list[int], lengths: list[int], batch_size: int, packing: bool,
                   max_seq_len: int) -> list[list[int]]:
     """Rows of grouped batches: per pool of ``order``, the samples longest first (unpacked, one
-    per row), or the pool's first-fit-decreasing rows (packed; pools of batch_size rows' tokens)."""
+    per row), or the pool's first-fit-decreasing rows (packed)."""
+    pools = _pools(order, [1] * len(lengths), batch_size)
     if not packing:
-        pools = _pools(order, [1] * len(lengths), batch_size)
         return [[i] for pool in pools for i in sorted(pool, key=lambda i: -lengths[i])]
-    return _packed_pool_rows(_pools(order, lengths, batch_size * max_seq_len), lengths, max_seq_len)
+    return _packed_pool_rows(pools, lengths, max_seq_len)
+
+
+def _batches_of_samples(rows: list[list[int]], batch_size: int) -> list[list[list[int]]]:
+    """Consecutive rows grouped so that each batch holds at least ``batch_size`` samples (the
+    last may hold fewer): a packed batch carries about as many samples as an unpacked one, so an
+    epoch has about the same number of optimizer steps and the lr schedule keeps its meaning."""
+    batches, current, count = [], [], 0
+    for row in rows:
+        current.append(row)
+        count += len(row)
+        if count >= batch_size:
+            batches.append(current)
+            current, count = [], 0
+    if current:
+        batches.append(current)
+    return batches
 
 
 def plan_batches(lengths: list[int], batch_size: int, packing: bool, max_seq_len: int, shuffle: bool, seed: int,
@@ -191,7 +207,7 @@ def plan_batches(lengths: list[int], batch_size: int, packing: bool, max_seq_len
         rows = [[order[p] for p in row] for row in pack_rows([lengths[i] for i in order], max_seq_len)]
     else:
         rows = [[i] for i in order]
-    batches = [rows[i: i + batch_size] for i in range(0, len(rows), batch_size)]
+    batches = _batches_of_samples(rows, batch_size)
     return _longest_first(batches, lengths) if group_by_length and shuffle and batches else batches
 
 
@@ -199,8 +215,10 @@ def make_batches(samples: list[dict], batch_size: int, pad_token_id: int, packin
                  shuffle: bool, seed: int, group_by_length: bool = False) -> list[dict]:
     """Batches of ``samples``, a pure function of the samples, ``seed`` and the settings.
 
-    Without packing a batch holds ``batch_size`` samples; with packing it holds
-    ``batch_size`` packed rows of up to ``max_seq_len`` tokens each. ``packing`` is a bool
+    Without packing a batch holds ``batch_size`` samples; with packing it holds whole packed rows
+    of up to ``max_seq_len`` tokens that add up to at least ``batch_size`` samples (the last batch
+    may hold fewer). Packing so saves padding, not optimizer steps: an epoch has about as many
+    steps as unpacked, and lr and schedule settings mean the same with and without it. ``packing`` is a bool
     (``resolve_packing`` decides "auto"); ``group_by_length`` groups similar lengths when
     ``shuffle`` is on (``plan_batches``).
     """
