@@ -168,11 +168,15 @@ def _grouped_rows(order: list[int], lengths: list[int], batch_size: int, packing
 
 
 def _batches_of_samples(rows: list[list[int]], batch_size: int) -> list[list[list[int]]]:
-    """Consecutive rows grouped so that each batch holds at least ``batch_size`` samples (the
-    last may hold fewer): a packed batch carries about as many samples as an unpacked one, so an
-    epoch has about the same number of optimizer steps and the lr schedule keeps its meaning."""
+    """Consecutive rows grouped so that each batch holds about ``batch_size`` samples: a row
+    joins the batch unless that would overshoot batch_size by more than stopping short of it
+    undershoots. So a packed batch carries about as many samples as an unpacked one, an epoch
+    has about the same number of optimizer steps, and the lr schedule keeps its meaning."""
     batches, current, count = [], [], 0
     for row in rows:
+        if current and count + len(row) - batch_size > batch_size - count:
+            batches.append(current)
+            current, count = [], 0
         current.append(row)
         count += len(row)
         if count >= batch_size:
@@ -216,8 +220,8 @@ def make_batches(samples: list[dict], batch_size: int, pad_token_id: int, packin
     """Batches of ``samples``, a pure function of the samples, ``seed`` and the settings.
 
     Without packing a batch holds ``batch_size`` samples; with packing it holds whole packed rows
-    of up to ``max_seq_len`` tokens that add up to at least ``batch_size`` samples (the last batch
-    may hold fewer). Packing so saves padding, not optimizer steps: an epoch has about as many
+    of up to ``max_seq_len`` tokens that add up to about ``batch_size`` samples (whole rows:
+    a batch may hold a few more or fewer). Packing so saves padding, not optimizer steps: an epoch has about as many
     steps as unpacked, and lr and schedule settings mean the same with and without it. ``packing`` is a bool
     (``resolve_packing`` decides "auto"); ``group_by_length`` groups similar lengths when
     ``shuffle`` is on (``plan_batches``).

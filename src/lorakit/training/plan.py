@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass, field
 
 from lorakit.data import make_batches
+from lorakit.data.batching import plan_batches
 from lorakit.training.evaluate import count_targets
 
 
@@ -50,8 +51,13 @@ class StepPlan:
         return self.grad_accum * self.num_processes
 
     def steps_in_epoch(self, epoch: int) -> int:
+        """Optimizer steps of epoch ``epoch``, from the sample lengths alone (no tensors built):
+        with packing the count can differ a little between epochs (other shuffles, other rows)."""
         if epoch not in self._counts:
-            self.epoch_batches(epoch)
+            lengths = [len(s["input_ids"]) for s in self.samples]
+            batches = len(plan_batches(lengths, self.batch_size, self.packing, self.max_seq_len, shuffle=True,
+                                       seed=self.seed + epoch, group_by_length=self.group_by_length))
+            self._counts[epoch] = batches - batches % self.num_processes
         return math.ceil(self._counts[epoch] / self.per_step)
 
     @property
@@ -61,11 +67,12 @@ class StepPlan:
 
     @property
     def total_steps(self) -> int:
+        """max_steps, else the steps of the whole epochs plus the fraction of the next one."""
         if self.max_steps > 0:
             return self.max_steps
         whole, part = int(self.epochs), self.epochs - int(self.epochs)
-        steps = self.steps_per_epoch * whole
-        return max(1, steps + math.ceil(self.steps_per_epoch * part))
+        steps = sum(self.steps_in_epoch(epoch) for epoch in range(whole))
+        return max(1, steps + math.ceil(self.steps_in_epoch(whole) * part))
 
     def position(self, step: int) -> tuple[int, int]:
         """(epoch, first step of that epoch) of global step ``step`` (0-based)."""
