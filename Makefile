@@ -27,8 +27,9 @@ test-fast: setup
 demo: setup
 	$(PY) examples/quickstart.py
 
+# Speed against transformers + peft (one table; see README "Speed"); about 25 minutes on 2 cores.
 bench: setup
-	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/speed.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -62,6 +62,8 @@ def run_peft(steps: int, overrides: list[str]) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lorakit.data import batch_to_device, build_datasets
+    from lorakit.data.batching import resolve_packing
+    from lorakit.hardware import resolve_precision
     from lorakit.models.load import resolve_model_source
     from lorakit.training.evaluate import count_tokens
     from lorakit.training.plan import StepPlan
@@ -71,12 +73,15 @@ def run_peft(steps: int, overrides: list[str]) -> dict:
     args, lora = config.train, config.lora
     set_seed(args.seed)
     source, _ = resolve_model_source(config.model)
-    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    # the precision and packing lorakit resolves for its own side (auto: measured on this host)
+    dtype = torch.bfloat16 if resolve_precision(args.precision) == "bf16" else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     samples, _, _ = build_datasets(config.data, tokenizer)
-    plan = StepPlan(samples, args.batch_size, args.grad_accum, tokenizer.pad_token_id, config.data.packing,
-                    config.data.max_seq_len, args.seed, args.epochs, args.max_steps)
+    packing = resolve_packing(config.data.packing, model)
+    plan = StepPlan(samples, args.batch_size, args.grad_accum, tokenizer.pad_token_id, packing,
+                    config.data.max_seq_len, args.seed, args.epochs, args.max_steps,
+                    group_by_length=config.data.group_by_length)
     set_seed(args.seed)
     peft_config = peft.LoraConfig(r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
                                   target_modules=lora.target_modules, layers_to_transform=lora.layers_to_transform,
