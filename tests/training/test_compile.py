@@ -22,7 +22,10 @@ def _losses(tiny_llama_dir, tmp_path, name, compile_setting):
 
 @pytest.mark.slow
 @pytest.mark.skipif(cxx_compiler() is None, reason="torch.compile needs a C++ compiler on CPU")
-def test_compiled_blocks_give_the_eager_losses(tiny_llama_dir, tmp_path, capsys):
+def test_compiled_blocks_give_the_eager_losses(tiny_llama_dir, tmp_path, capsys, monkeypatch):
+    # kernels compiled here, not ones a machine cached for another CPU level (a stale cache from a
+    # host run without ATEN_CPU_CAPABILITY=avx2 crashes an emulated AVX2 run)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     eager = _losses(tiny_llama_dir, tmp_path, "eager", False)
     compiled = _losses(tiny_llama_dir, tmp_path, "compiled", True)
     assert "2 decoder blocks through torch.compile" in capsys.readouterr().out
