@@ -158,3 +158,16 @@ def test_env_prints_the_measured_host(capsys, monkeypatch, tmp_path):
     assert info["versions"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
     assert main(["env"]) == 0  # text form, read back from the cache the first call wrote
     assert "matmul fp32:" in capsys.readouterr().out and list((tmp_path / "host").glob("probe-*.json"))
+
+
+def test_overrides_may_follow_an_option(tiny_llama_dir, tmp_path, capsys):
+    """argparse fills nargs='*' once: `train run.yaml --no-progress k=v` used to fail with
+    'unrecognized arguments'; the overrides now apply wherever they stand."""
+    config = tiny_config_dict(tiny_llama_dir, tmp_path, tmp_path / "out", max_steps=1)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", str(tmp_path / "run.yaml"), "--no-progress", "train.max_steps=2", "train.lr=1e-3"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert max(row["step"] for row in rows) == 2  # the override after the option took effect
+    with pytest.raises(SystemExit):
+        main(["train", str(tmp_path / "run.yaml"), "--no-progress", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
