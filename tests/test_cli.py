@@ -171,3 +171,11 @@ def test_overrides_may_follow_an_option(tiny_llama_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", str(tmp_path / "run.yaml"), "--no-progress", "--bogus"])
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_generate_refuses_text_that_is_not_utf8_in_one_line(capsys):
+    """Latin-1 bytes on the command line reach Python as lone surrogates: one line, no traceback,
+    before any model is loaded (the adapter path does not even exist)."""
+    assert main(["generate", "--adapter", "no-such-dir", "caf\udce9"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the prompt is not valid UTF-8 text") and err.count("\n") == 1

@@ -37,3 +37,27 @@ def test_invalid_sampling_is_400_naming_the_field(field, value):
 def test_defaults():
     sampling = parse_sampling({"model": "m", "stop": "###", "max_completion_tokens": 5}, Limits())
     assert (sampling.max_tokens, sampling.temperature, sampling.top_p, sampling.stop) == (5, 1.0, 1.0, ["###"])
+
+
+@pytest.mark.parametrize("seed", [10**25, -(2**63) - 1, 2**64])
+def test_seed_outside_the_generator_range_is_400_not_a_failed_batch(seed):
+    """Found by issue 14: one request with seed 10**25 made every row of its batch fail with HTTP 500."""
+    with pytest.raises(ApiError) as err:
+        parse_sampling({"model": "m", "seed": seed}, Limits())
+    assert err.value.status == 400 and err.value.param == "seed"
+    for ok in (0, -(2**63), 2**64 - 1):
+        assert parse_sampling({"model": "m", "seed": ok}, Limits()).seed == ok
+
+
+def test_lone_surrogate_in_chat_or_prompt_is_400(smol_tokenizer):
+    from lorakit.server.protocol import chat_prompt_ids, completion_prompt_ids
+
+    with pytest.raises(ApiError) as err:
+        chat_prompt_ids({"messages": [{"role": "user", "content": "a\ud800b"}]}, smol_tokenizer)
+    assert err.value.status == 400 and err.value.param == "messages[0].content"
+    with pytest.raises(ApiError) as err:
+        completion_prompt_ids({"prompt": "a\udfffb"}, smol_tokenizer)
+    assert err.value.status == 400 and err.value.param == "prompt" and "lone surrogate at position 1" in str(err.value)
+    with pytest.raises(ApiError, match="role system, developer, user or assistant"):
+        chat_prompt_ids({"messages": [{"role": "tool", "content": "x"}]}, smol_tokenizer)
+    assert chat_prompt_ids({"messages": [{"role": "developer", "content": "ok é"}]}, smol_tokenizer)

@@ -16,9 +16,23 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+def _check_text(text: str | None, what: str) -> None:
+    """A terminal in a non-UTF-8 locale (or Latin-1 bytes) reaches Python as lone surrogates,
+    which no tokenizer encodes: say so in one line before loading the model."""
+    from lorakit.errors import LorakitError
+
+    try:
+        (text or "").encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise LorakitError(f"the {what} is not valid UTF-8 text (byte or lone surrogate at position {err.start}); "
+                           f"pass UTF-8 text") from None
+
+
 def run(args) -> int:
     from lorakit.inference.generate import generate, load_for_inference
 
+    _check_text(args.prompt, "prompt")
+    _check_text(args.system, "--system text")
     settings = generation_settings(args)
     model, tokenizer = load_for_inference(args.adapter, args.model, args.dtype)
     generate(model, tokenizer, args.prompt, settings, system=args.system, raw=args.raw, stream=True)

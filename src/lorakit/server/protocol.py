@@ -99,8 +99,10 @@ def parse_sampling(data: dict, limits: Limits) -> Sampling:
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise ApiError(400, "'stop' must be a non-empty string or a list of up to 4 of them", param="stop")
     seed = data.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ApiError(400, f"'seed' must be an integer; got {seed!r}", param="seed")
+    # torch.Generator.manual_seed takes [-2^63, 2^64): outside it one request's seed would fail its
+    # whole batch with an OverflowError (HTTP 500 for every row)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -2**63 <= seed < 2**64):
+        raise ApiError(400, f"'seed' must be an integer from -2^63 to 2^64 - 1; got {seed!r}", param="seed")
     stream = data.get("stream", False)
     options = data.get("stream_options") or {}
     if not isinstance(stream, bool) or not isinstance(options, dict):
@@ -112,7 +114,7 @@ def parse_sampling(data: dict, limits: Limits) -> Sampling:
 
 def _message_text(message, index: int) -> tuple[str, str]:
     if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant", "developer"):
-        raise ApiError(400, f"messages[{index}] must be an object with role system, user or assistant",
+        raise ApiError(400, f"messages[{index}] must be an object with role system, developer, user or assistant",
                        param=f"messages[{index}]")
     content = message.get("content")
     if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
@@ -122,8 +124,18 @@ def _message_text(message, index: int) -> tuple[str, str]:
         content = "".join(p["text"] for p in content)
     if not isinstance(content, str):
         raise ApiError(400, f"messages[{index}].content must be a string", param=f"messages[{index}].content")
+    _check_unicode(content, f"messages[{index}].content")
     role = "system" if message["role"] == "developer" else message["role"]
     return role, content
+
+
+def _check_unicode(text: str, param: str) -> None:
+    """JSON may carry a lone surrogate (\\ud800) that no tokenizer can encode: a 400, not a 500."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ApiError(400, f"'{param}' is not valid Unicode (lone surrogate at position {err.start})",
+                       param=param) from None
 
 
 def chat_prompt_ids(data: dict, tokenizer) -> list[int]:
@@ -151,6 +163,7 @@ def completion_prompt_ids(data: dict, tokenizer) -> list[int]:
     if not isinstance(prompt, str) or not prompt:
         raise ApiError(400, "'prompt' must be a non-empty string (or a list of token ids); one prompt per request",
                        param="prompt")
+    _check_unicode(prompt, "prompt")
     return tokenizer(prompt)["input_ids"]
 
 
