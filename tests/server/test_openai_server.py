@@ -97,8 +97,9 @@ def test_auth_unknown_model_and_limits(server):
     with pytest.raises(openai.NotFoundError) as err:
         _client(url).chat.completions.create(model="nope", messages=QUESTION, max_tokens=2)
     assert err.value.body["code"] == "model_not_found" and set(err.value.body) == {"message", "type", "param", "code"}
-    with pytest.raises(openai.BadRequestError, match="larger than this server's limit"):  # body > 20 kB
+    with pytest.raises(openai.APIStatusError, match="larger than this server's limit") as err:  # body > 20 kB
         _client(url).chat.completions.create(model="a0", messages=[{"role": "user", "content": "x" * 30_000}])
+    assert err.value.status_code == 413  # Payload Too Large, as HTTP has it (was 400)
     with pytest.raises(openai.BadRequestError, match="tokens; this server accepts at most 256"):
         _client(url).completions.create(model="a0", prompt="hello " * 400, max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="max_tokens"):

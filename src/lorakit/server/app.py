@@ -8,7 +8,7 @@
     POST /v1/unload_lora_adapter          {"lora_name"}
 
 Guards (an ASGI wrapper, before any route runs): bearer token compared in constant time
-(hmac.compare_digest) -> 401; request bodies over ``max_body_bytes`` -> 400, counted as they
+(hmac.compare_digest) -> 401; request bodies over ``max_body_bytes`` -> 413, counted as they
 are read, so a chunked body without Content-Length is bounded too.
 """
 
@@ -64,7 +64,9 @@ class _Guard:
                                  code="invalid_api_key")
                 return await _send_error(send, error)
         length = headers.get(b"content-length", b"0")
-        if not length.isdigit() or int(length) > self.max_body_bytes:
+        if not length.isdigit():
+            return await _send_error(send, ApiError(400, "Content-Length must be a number of bytes"))
+        if int(length) > self.max_body_bytes:
             return await _send_error(send, _too_large(self.max_body_bytes))
         received = 0
 
@@ -80,7 +82,7 @@ class _Guard:
 
 
 def _too_large(limit: int) -> ApiError:
-    return ApiError(400, f"request body is larger than this server's limit of {limit} bytes", code="request_too_large")
+    return ApiError(413, f"request body is larger than this server's limit of {limit} bytes", code="request_too_large")
 
 
 async def _send_error(send, error: ApiError) -> None:
@@ -105,7 +107,7 @@ def create_app(engine, settings: ServerSettings):
 
     @app.exception_handler(_BodyTooLarge)
     async def _body_error(_, __):
-        return JSONResponse(_too_large(limits.max_body_bytes).body(), status_code=400)
+        return JSONResponse(_too_large(limits.max_body_bytes).body(), status_code=413)
 
     @app.exception_handler(HTTPException)
     async def _http_error(_, err: HTTPException):
