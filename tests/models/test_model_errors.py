@@ -106,6 +106,14 @@ def test_target_modules_matching_nothing_lists_existing_layers():
         assert name in message
 
 
+def test_layers_to_transform_out_of_range_names_the_real_cause():
+    """Issue 14: [99] on a 2-layer model used to say that target_modules matched nothing."""
+    with pytest.raises(LorakitError) as excinfo:
+        get_peft_model(tiny_model("llama"), LoraConfig(target_modules=["q_proj"], layers_to_transform=[99]))
+    message = _one_line(excinfo)
+    assert message.startswith("layers_to_transform [99] selects no layer") and "layers 0 to 1" in message
+
+
 def test_missing_hub_model_offline_is_one_line(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(LorakitError) as excinfo:

@@ -95,7 +95,7 @@ def find_target_modules(model: nn.Module, config) -> list[str]:
     all_linear = targets == ALL_LINEAR or targets == [ALL_LINEAR]
     heads = output_head_names(model)
     keep = set(config.modules_to_save or [])
-    selected = []
+    selected, before_layer_filter = [], []
     for name, module in model.named_modules():
         if not name or inside_adapter_wrapper(name) or any(f".{k}." in f".{name}." for k in keep):
             continue
@@ -106,10 +106,16 @@ def find_target_modules(model: nn.Module, config) -> list[str]:
             continue
         if config.exclude_modules and name_matches(config.exclude_modules, name):
             continue
+        before_layer_filter.append(name)
         if config.layers_to_transform is not None:
             if layer_index(name, config.layers_pattern) not in config.layers_to_transform:
                 continue
         selected.append(name)
+    if not selected and before_layer_filter:  # the modules exist; the layer numbers do not
+        found = sorted({layer_index(n, config.layers_pattern) for n in before_layer_filter} - {None})
+        span = f"layers {found[0]} to {found[-1]}" if found else "no numbered layers"
+        raise LorakitError(f"layers_to_transform {config.layers_to_transform!r} selects no layer: target_modules "
+                           f"{targets!r} match modules in {span} of {type(model).__name__}")
     if not selected:
         raise LorakitError(f"target_modules {targets!r} matched no layer of {type(model).__name__}; "
                            f"its linear layers are: {_short_names(linear_layer_names(model))}")
