@@ -179,3 +179,10 @@ def test_generate_refuses_text_that_is_not_utf8_in_one_line(capsys):
     assert main(["generate", "--adapter", "no-such-dir", "caf\udce9"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: the prompt is not valid UTF-8 text") and err.count("\n") == 1
+
+
+def test_generate_refuses_a_prompt_longer_than_the_context(tiny_llama_dir, capsys):
+    """Issue 14: such a prompt ran for minutes and printed nothing; now one line, exit 2."""
+    assert main(["generate", "--model", str(tiny_llama_dir), "--raw", "word " * 600]) == 2
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert error_lines == ["error: the prompt has 601 tokens and the model's context holds 512; shorten the prompt"]

@@ -80,6 +80,20 @@ def build_prompt(tokenizer, prompt: str | list[dict], system: str | None = None,
 
 
 @torch.no_grad()
+def _room_for_new_tokens(model, prompt_tokens: int, max_new_tokens: int) -> int:
+    """max_new_tokens, capped at what the model's context has left after the prompt. A prompt the
+    context cannot hold is refused before any work (it ran for minutes and printed nothing)."""
+    from lorakit.errors import LorakitError
+
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not context:
+        return max_new_tokens
+    if prompt_tokens >= context:
+        raise LorakitError(f"the prompt has {prompt_tokens} tokens and the model's context holds {context}; "
+                           f"shorten the prompt")
+    return min(max_new_tokens, context - prompt_tokens)
+
+
 def generate(model, tokenizer, prompt: str | list[dict], settings: GenerationSettings | None = None,
              system: str | None = None, raw: bool = False, stream: bool = False) -> str:
     """The model's reply to ``prompt`` (only the new text). ``stream=True`` also prints tokens to
@@ -88,6 +102,8 @@ def generate(model, tokenizer, prompt: str | list[dict], settings: GenerationSet
     text, templated = build_prompt(tokenizer, prompt, system, raw)
     # A rendered template already contains its special tokens (e.g. BOS); do not add them twice.
     encoded = tokenizer(text, return_tensors="pt", add_special_tokens=not templated)
+    kwargs = settings.generate_kwargs(tokenizer)
+    kwargs["max_new_tokens"] = _room_for_new_tokens(model, encoded["input_ids"].shape[1], settings.max_new_tokens)
     device = next(model.parameters()).device
     input_ids = encoded["input_ids"].to(device)
     streamer = None
@@ -98,5 +114,5 @@ def generate(model, tokenizer, prompt: str | list[dict], settings: GenerationSet
     if settings.seed is not None:
         torch.manual_seed(settings.seed)
     output = model.generate(input_ids=input_ids, attention_mask=encoded["attention_mask"].to(device),
-                            streamer=streamer, **settings.generate_kwargs(tokenizer))
+                            streamer=streamer, **kwargs)
     return tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True).strip()
