@@ -75,6 +75,17 @@ def test_unknown_keys_rejected_with_closest_suggestion(tmp_path, override, key, 
     message = str(info.value)
     assert f"unknown key '{key}'" in message and f"did you mean '{suggestion}'" in message
     assert "\n" not in message
+    # issue 14: the mistake is named where it is, on the command line, not as if in the file
+    assert f"command-line override '{override}'" in message and "run.yaml" not in message
+
+
+def test_invalid_file_is_reported_as_the_file_even_with_valid_overrides(tmp_path):
+    path = _write(tmp_path, YAML + "bogus_top: 1\n")
+    with pytest.raises(LorakitError) as info:
+        load_config(path, ["train.lr=1e-3"])
+    assert str(path) in str(info.value) and "override" not in str(info.value)
+    later = load_config(_write(tmp_path), ["train.lr=1e-3", "train.batch_size=2"])  # all valid: no error
+    assert later.train.batch_size == 2
 
 
 def test_unknown_key_in_yaml_file_names_the_file_and_section(tmp_path):

@@ -15,6 +15,7 @@ level are errors naming the closest valid key.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 from dataclasses import dataclass, field
@@ -215,8 +216,6 @@ def _yaml_number(value):
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Set each dotted ``key=value`` into a copy of the nested dict ``data``."""
-    import copy
-
     data = copy.deepcopy(data)
     for text in overrides:
         path, value = parse_override(text)
@@ -259,11 +258,25 @@ def _resolve_data_paths(config: TrainingConfig, base_dir: Path) -> None:
             setattr(config.data, key, str(base_dir / value))
 
 
+def _raise_from_the_culprit(data: dict, overrides: list[str], where: str) -> None:
+    """The merged config is invalid: raise the error of the file alone if it is invalid, else of
+    the first override that makes it so, named as the override (not as a line of the file)."""
+    TrainingConfig.from_dict(copy.deepcopy(data), where=where)
+    for count, text in enumerate(overrides, start=1):
+        TrainingConfig.from_dict(apply_overrides(data, overrides[:count]),
+                                 where=f"command-line override '{text}'")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainingConfig:
     """A validated TrainingConfig from a YAML file (or defaults when ``path`` is None) plus overrides."""
     data = read_yaml(path) if path is not None else {}
-    data = apply_overrides(data, list(overrides or []))
-    config = TrainingConfig.from_dict(data, where=str(path) if path else "config")
+    overrides = list(overrides or [])
+    try:
+        config = TrainingConfig.from_dict(apply_overrides(data, overrides),
+                                          where=str(path) if path else "config")
+    except LorakitError:
+        _raise_from_the_culprit(data, overrides, str(path) if path else "config")
+        raise
     if path is not None:
         _resolve_data_paths(config, Path(path).resolve().parent)
     return config
