@@ -92,3 +92,19 @@ def test_undetectable_format_and_config_errors(tmp_path, smol_tokenizer):
     with pytest.raises(LorakitError, match="unsupported type '.txt'"):
         (tmp_path / "d.txt").write_text("x")
         build_datasets(DataConfig(train=str(tmp_path / "d.txt")), smol_tokenizer)
+
+
+def test_training_reports_a_bad_row_before_loading_the_model(tmp_path, smol_tokenizer):
+    """Issue 14: data errors came only after the model had loaded. The model directory here holds
+    a tokenizer but no weights, so reaching the model load would fail with another error."""
+    from lorakit.config import TrainingConfig
+    from lorakit.training import train
+
+    smol_tokenizer.save_pretrained(tmp_path / "model")
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]})
+                    + "\n" + "{not json\n")
+    config = TrainingConfig.from_dict({"model": str(tmp_path / "model"), "data": {"train": str(path)},
+                                       "output_dir": str(tmp_path / "out")})
+    with pytest.raises(LorakitError, match=r"train\.jsonl line 2: malformed JSON"):
+        train(config, progress=False)

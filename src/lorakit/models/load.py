@@ -123,6 +123,32 @@ def resolve_model_source(name_or_path: str) -> tuple[str, str]:
     return name_or_path, name_or_path
 
 
+def _not_loadable(name_or_path: str, source: str, err: OSError) -> LorakitError:
+    if Path(source).is_dir():
+        return LorakitError(f"'{source}' is not a loadable transformers model directory ({str(err).splitlines()[0]})")
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+    why = "HF_HUB_OFFLINE is set and it is not in the local hub cache" if offline else \
+        "it is not in the local hub cache and could not be downloaded"
+    return LorakitError(f"model '{name_or_path}': weights are not available ({why}); download it on a machine "
+                        f"with access (huggingface-cli download {name_or_path}) or pass a local directory, a "
+                        f".gguf file or '{DEFAULT_MODEL}'")
+
+
+def load_tokenizer(name_or_path: str = DEFAULT_MODEL):
+    """The tokenizer of a model (see ``load_model``), with a pad token (the EOS token when the model
+    defines none); cheap next to the weights, so data can be checked before the model loads."""
+    from transformers import AutoTokenizer
+
+    source, _ = resolve_model_source(str(name_or_path))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except OSError as err:
+        raise _not_loadable(str(name_or_path), source, err) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_model(name_or_path: str = DEFAULT_MODEL, dtype="float32", device: str | torch.device = "cpu",
                attn_implementation: str | None = None):
     """Return (model, tokenizer) for a local directory, hub id, .gguf file or built-in alias.
@@ -131,27 +157,17 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype="float32", device: str |
     EOS token when the model defines none). ``model.name_or_path`` is the name the user gave,
     so saved adapters record it as base_model_name_or_path.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
+    tokenizer = load_tokenizer(name_or_path)
     source, recorded_name = resolve_model_source(str(name_or_path))
     kwargs = {"dtype": resolve_dtype(dtype)}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as err:
-        if Path(source).is_dir():
-            raise LorakitError(f"'{source}' is not a loadable transformers model directory "
-                               f"({str(err).splitlines()[0]})") from None
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-        why = "HF_HUB_OFFLINE is set and it is not in the local hub cache" if offline else \
-            "it is not in the local hub cache and could not be downloaded"
-        raise LorakitError(f"model '{name_or_path}': weights are not available ({why}); download it on a "
-                           f"machine with access (huggingface-cli download {name_or_path}) or pass a local "
-                           f"directory, a .gguf file or '{DEFAULT_MODEL}'") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        raise _not_loadable(str(name_or_path), source, err) from None
     model.name_or_path = recorded_name
     model.config.name_or_path = recorded_name
     model.to(device)

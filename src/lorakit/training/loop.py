@@ -254,14 +254,17 @@ def _model_and_data(config: TrainingConfig, accelerator):
     from lorakit.data import build_datasets, make_batches
     from lorakit.data.batching import resolve_packing
 
+    from lorakit.models.load import load_tokenizer
+
     args, data, world = config.train, config.data, accelerator.num_processes
     set_seed(args.seed)
+    # the data first, with the tokenizer alone: a bad row is reported before minutes of loading
+    train_samples, eval_samples, stats = build_datasets(data, load_tokenizer(config.model))
+    _log(accelerator, str(stats))
     precision = resolve_precision(args.precision)
     if args.precision == "auto":
         _log(accelerator, f"precision auto -> {precision} (host: {probe_host().summary()})")
     base, tokenizer = load_base(config, precision=precision)
-    train_samples, eval_samples, stats = build_datasets(data, tokenizer)
-    _log(accelerator, str(stats))
     # packing is exact or not by architecture (adapters act per token), so the base decides it;
     # an explicit true that is not exact fails in resolve_packing with the reason
     packing = resolve_packing(data.packing, base)
