@@ -176,18 +176,11 @@ class PeakMeter:
     def measure(self) -> None:
         import torch
 
-        generator = torch.Generator().manual_seed(0)
+        from lorakit.hardware import matmul_gflops
+
         for name in self.dtypes:
             dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
-            a = torch.randn(self.n, self.n, generator=generator).to(dtype)
-            b = torch.randn(self.n, self.n, generator=generator).to(dtype)
-            torch.mm(a, b)
-            fastest = float("inf")
-            for _ in range(self.repeats):
-                started = time.perf_counter()
-                torch.mm(a, b)
-                fastest = min(fastest, time.perf_counter() - started)
-            self.best[name] = max(self.best.get(name, 0.0), 2 * self.n**3 / fastest / 1e9)
+            self.best[name] = max(self.best.get(name, 0.0), matmul_gflops(dtype, self.n, self.repeats))
         self.count += 1
 
     def summary(self) -> dict:

@@ -49,13 +49,14 @@ def test_explicit_bf16_without_native_support_warns_with_the_measured_slowdown()
 
 
 @pytest.mark.parametrize("probe, dtype", [(AVX2_HOST, torch.float32), (BF16_HOST, torch.bfloat16)])
-def test_training_base_dtype_follows_the_probe(host, probe, dtype, tmp_path):
+def test_training_base_dtype_follows_the_probe(host, probe, dtype, tmp_path, smol_tokenizer):
+    from lorakit_tiny import save_tiny_llama
+
     from lorakit.config import TrainingConfig
     from lorakit.training.loop import load_base
 
     host(probe)
-    tiny_model("llama").save_pretrained(tmp_path / "model")
-    _tokenizer_dir(tmp_path / "model")
+    save_tiny_llama(tmp_path / "model", smol_tokenizer)
     config = TrainingConfig.from_dict({"model": str(tmp_path / "model")})
     assert config.train.precision == "auto"  # the default
     model, _ = load_base(config)
@@ -96,13 +97,3 @@ def test_real_measurement_is_plausible():
     assert probe.capability == torch.backends.cpu.get_cpu_capability()
     assert probe.capability in probe.summary() and "GFLOP/s" in probe.summary()
 
-
-def _tokenizer_dir(path):
-    """A real (small) tokenizer saved next to the tiny model, so load_model finds one."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {f"t{i}": i for i in range(128)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="t0", pad_token="t0", eos_token="t2").save_pretrained(path)

@@ -26,7 +26,7 @@ from lorakit._dataclass_config import field_names, strict_config
 from lorakit.errors import LorakitError, closest_hint, unknown_key_error
 
 SCHEDULERS = ("linear", "cosine", "constant")
-PRECISIONS = ("auto", "fp32", "bf16")  # lorakit.hardware.PRECISION_CHOICES
+PRECISIONS = ("auto", "fp32", "bf16")  # see lorakit.hardware.resolve_precision
 
 
 @strict_config

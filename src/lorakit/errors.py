@@ -42,3 +42,13 @@ def unknown_key_error(key: str, choices, where: str) -> LorakitError:
     """Error for an unknown config key: names the key, the closest valid one, and all choices."""
     valid = ", ".join(sorted(choices))
     return LorakitError(f"unknown key '{key}' in {where}{closest_hint(key, choices)}; valid keys: {valid}")
+
+
+def lone_surrogate_at(text: str) -> int | None:
+    """Position of the first character UTF-8 cannot encode (a lone surrogate: from JSON's
+    "\\ud800" or undecodable command-line bytes), or None for valid text. No tokenizer takes one."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return err.start
+    return None

@@ -86,7 +86,7 @@ def _bf16_instructions() -> bool:
     return any(getattr(cpu, name, lambda: False)() for name in checks)
 
 
-def _matmul_gflops(dtype: torch.dtype, n: int, repeats: int = 3) -> float:
+def matmul_gflops(dtype: torch.dtype, n: int, repeats: int = 3) -> float:
     """Best rate of an (n, n) @ (n, n) matmul in ``dtype``, after one warm-up."""
     generator = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=generator).to(dtype)
@@ -102,10 +102,10 @@ def _matmul_gflops(dtype: torch.dtype, n: int, repeats: int = 3) -> float:
 
 def _bf16_gflops(fp32_gflops: float) -> float:
     """bf16 matmul rate; a small trial first, so an emulating host costs milliseconds, not minutes."""
-    trial = _matmul_gflops(torch.bfloat16, 256, repeats=2)  # ~0.1 s each where bf16 is emulated
+    trial = matmul_gflops(torch.bfloat16, 256, repeats=2)  # ~0.1 s each where bf16 is emulated
     if trial < BF16_NATIVE_MIN_RATIO * fp32_gflops / 10:
         return trial  # emulated: hundreds of times slower, no need to measure it precisely
-    return _matmul_gflops(torch.bfloat16, 1024)
+    return matmul_gflops(torch.bfloat16, 1024)
 
 
 def _memory_gbps(mib: int = 256, repeats: int = 3) -> float:
@@ -122,7 +122,7 @@ def _memory_gbps(mib: int = 256, repeats: int = 3) -> float:
 
 def measure_host() -> HostProbe:
     """Run the probe now (about 0.5 s on a 2-core host), without the cache."""
-    fp32 = _matmul_gflops(torch.float32, 1024)
+    fp32 = matmul_gflops(torch.float32, 1024)
     return HostProbe(cpu=_cpu_name(), capability=torch.backends.cpu.get_cpu_capability(),
                      bf16_instructions=_bf16_instructions(), threads=torch.get_num_threads(), fp32_gflops=fp32,
                      bf16_gflops=_bf16_gflops(fp32), memory_gbps=_memory_gbps(), torch_version=torch.__version__)
@@ -155,9 +155,6 @@ def probe_host(refresh: bool = False) -> HostProbe:
     except OSError:
         pass  # a read-only cache only costs the next process another half second
     return _PROBE
-
-
-PRECISION_CHOICES = ("auto", "fp32", "bf16")
 
 
 def resolve_precision(requested: str, probe: HostProbe | None = None) -> str:

@@ -19,13 +19,12 @@ def register(subparsers) -> None:
 def _check_text(text: str | None, what: str) -> None:
     """A terminal in a non-UTF-8 locale (or Latin-1 bytes) reaches Python as lone surrogates,
     which no tokenizer encodes: say so in one line before loading the model."""
-    from lorakit.errors import LorakitError
+    from lorakit.errors import LorakitError, lone_surrogate_at
 
-    try:
-        (text or "").encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise LorakitError(f"the {what} is not valid UTF-8 text (byte or lone surrogate at position {err.start}); "
-                           f"pass UTF-8 text") from None
+    position = lone_surrogate_at(text or "")
+    if position is not None:
+        raise LorakitError(f"the {what} is not valid UTF-8 text (byte or lone surrogate at position {position}); "
+                           f"pass UTF-8 text")
 
 
 def run(args) -> int:

@@ -137,30 +137,35 @@ def _not_loadable(name_or_path: str, source: str, err: OSError) -> LorakitError:
 def load_tokenizer(name_or_path: str = DEFAULT_MODEL):
     """The tokenizer of a model (see ``load_model``), with a pad token (the EOS token when the model
     defines none); cheap next to the weights, so data can be checked before the model loads."""
+    source, _ = resolve_model_source(str(name_or_path))
+    return _tokenizer_from(source, str(name_or_path))
+
+
+def _tokenizer_from(source: str, name_or_path: str):
     from transformers import AutoTokenizer
 
-    source, _ = resolve_model_source(str(name_or_path))
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as err:
-        raise _not_loadable(str(name_or_path), source, err) from None
+        raise _not_loadable(name_or_path, source, err) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, dtype="float32", device: str | torch.device = "cpu",
-               attn_implementation: str | None = None):
+               attn_implementation: str | None = None, tokenizer=None):
     """Return (model, tokenizer) for a local directory, hub id, .gguf file or built-in alias.
 
     The model is in eval mode on ``device`` in ``dtype``; the tokenizer has a pad token (the
-    EOS token when the model defines none). ``model.name_or_path`` is the name the user gave,
-    so saved adapters record it as base_model_name_or_path.
+    EOS token when the model defines none), or is ``tokenizer`` when one was already loaded with
+    ``load_tokenizer``. ``model.name_or_path`` is the name the user gave, so saved adapters
+    record it as base_model_name_or_path.
     """
     from transformers import AutoModelForCausalLM
 
-    tokenizer = load_tokenizer(name_or_path)
     source, recorded_name = resolve_model_source(str(name_or_path))
+    tokenizer = tokenizer or _tokenizer_from(source, str(name_or_path))
     kwargs = {"dtype": resolve_dtype(dtype)}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation

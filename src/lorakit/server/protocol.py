@@ -12,6 +12,8 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from lorakit.errors import lone_surrogate_at
+
 # Options whose non-default values would change the answer and that lorakit does not implement:
 # refused (400) rather than silently ignored.
 _UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "tools": (None, []),
@@ -131,11 +133,9 @@ def _message_text(message, index: int) -> tuple[str, str]:
 
 def _check_unicode(text: str, param: str) -> None:
     """JSON may carry a lone surrogate (\\ud800) that no tokenizer can encode: a 400, not a 500."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise ApiError(400, f"'{param}' is not valid Unicode (lone surrogate at position {err.start})",
-                       param=param) from None
+    position = lone_surrogate_at(text)
+    if position is not None:
+        raise ApiError(400, f"'{param}' is not valid Unicode (lone surrogate at position {position})", param=param)
 
 
 def chat_prompt_ids(data: dict, tokenizer) -> list[int]:

@@ -64,13 +64,14 @@ class TrainResult:
 
 # --- building blocks -------------------------------------------------------------------------
 
-def load_base(config: TrainingConfig, device=None, precision: str | None = None):
+def load_base(config: TrainingConfig, device=None, precision: str | None = None, tokenizer=None):
     """(frozen base model, tokenizer); bf16 precision holds the base weights in bf16.
-    ``precision`` is the resolved one (fp32 | bf16); by default train.precision resolved here."""
+    ``precision`` is the resolved one (fp32 | bf16); by default train.precision resolved here.
+    ``tokenizer``: one already loaded for this model (not loaded again)."""
     from lorakit.models.load import load_model
 
     precision = precision or resolve_precision(config.train.precision)
-    return load_model(config.model, dtype=precision, device=device or "cpu")
+    return load_model(config.model, dtype=precision, device=device or "cpu", tokenizer=tokenizer)
 
 
 def inject_adapters(model, config: TrainingConfig, total_steps: int):
@@ -259,12 +260,13 @@ def _model_and_data(config: TrainingConfig, accelerator):
     args, data, world = config.train, config.data, accelerator.num_processes
     set_seed(args.seed)
     # the data first, with the tokenizer alone: a bad row is reported before minutes of loading
-    train_samples, eval_samples, stats = build_datasets(data, load_tokenizer(config.model))
+    tokenizer = load_tokenizer(config.model)
+    train_samples, eval_samples, stats = build_datasets(data, tokenizer)
     _log(accelerator, str(stats))
     precision = resolve_precision(args.precision)
     if args.precision == "auto":
         _log(accelerator, f"precision auto -> {precision} (host: {probe_host().summary()})")
-    base, tokenizer = load_base(config, precision=precision)
+    base, _ = load_base(config, precision=precision, tokenizer=tokenizer)
     # packing is exact or not by architecture (adapters act per token), so the base decides it;
     # an explicit true that is not exact fails in resolve_packing with the reason
     packing = resolve_packing(data.packing, base)

@@ -12,6 +12,7 @@ every process runs the same number of forwards per step (needed for gradient all
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -46,6 +47,10 @@ class StepPlan:
             self._counts[epoch] = keep
         return self._epochs[epoch]
 
+    @functools.cached_property
+    def _lengths(self) -> list[int]:
+        return [len(s["input_ids"]) for s in self.samples]
+
     @property
     def per_step(self) -> int:
         return self.grad_accum * self.num_processes
@@ -54,8 +59,7 @@ class StepPlan:
         """Optimizer steps of epoch ``epoch``, from the sample lengths alone (no tensors built):
         with packing the count can differ a little between epochs (other shuffles, other rows)."""
         if epoch not in self._counts:
-            lengths = [len(s["input_ids"]) for s in self.samples]
-            batches = len(plan_batches(lengths, self.batch_size, self.packing, self.max_seq_len, shuffle=True,
+            batches = len(plan_batches(self._lengths, self.batch_size, self.packing, self.max_seq_len, shuffle=True,
                                        seed=self.seed + epoch, group_by_length=self.group_by_length))
             self._counts[epoch] = batches - batches % self.num_processes
         return math.ceil(self._counts[epoch] / self.per_step)
