@@ -1,14 +1,33 @@
-"""Adapter methods, registered by name (see registry.py)."""
+"""Training methods, registered by name with their declared hooks (see registry.py).
 
-from lorakit.adapters.adalora import AdaLoraConfig, AdaLoraLayer, attach_adalora
-from lorakit.adapters.lora import LoraConfig, LoraLayer, attach_lora
-from lorakit.adapters.qlora import QLoraConfig, attach_qlora
+Layer methods (``wrap`` None) put adapter layers into the base and are managed by
+``lorakit.models.LoraModel``; the others bring their own ``AdaptedModel`` wrapper.
+"""
+
+from lorakit.adapters.adalora import (AdaLoraConfig, AdaLoraLayer, adalora_file_contents, adalora_set_total_steps,
+                                      adalora_training_hooks, attach_adalora)
+from lorakit.adapters.contract import AdaptedModel, AdapterLayer, TrainingHooks
+from lorakit.adapters.lora import LoraConfig, LoraLayer, attach_lora, lora_file_contents
+from lorakit.adapters.qlora import QLoraConfig, attach_qlora, qlora_prepare_base, qlora_report
 from lorakit.adapters.registry import (ADAPTER_METHODS, AdapterMethod, get_method, method_for_config,
-                                       method_for_peft_type, register_method)
+                                       method_for_peft_type, parameter_tables, register_method)
 
-register_method(AdapterMethod("lora", "LORA", LoraConfig, attach_lora, (LoraLayer,)))
-register_method(AdapterMethod("qlora", "LORA", QLoraConfig, attach_qlora, (LoraLayer,)))  # LoRA over an NF4 base
-register_method(AdapterMethod("adalora", "ADALORA", AdaLoraConfig, attach_adalora, (AdaLoraLayer,)))
+_LORA_TABLES = ("lora_A", "lora_B", "lora_magnitude_vector")
 
-__all__ = ["ADAPTER_METHODS", "AdapterMethod", "LoraConfig", "LoraLayer", "get_method",
-           "method_for_config", "method_for_peft_type", "register_method"]
+register_method(AdapterMethod(
+    "lora", LoraConfig, wrap=None, peft_type="LORA", attach=attach_lora, layer_types=(LoraLayer,),
+    parameter_tables=_LORA_TABLES, file_contents=lora_file_contents,
+    description="LoRA and its variants (rsLoRA, DoRA, PiSSA init, LoRA+) on a frozen base"))
+register_method(AdapterMethod(  # LoRA over a 4-bit base: the base is quantized first, the files are LoRA's
+    "qlora", QLoraConfig, wrap=None, peft_type="LORA", attach=attach_qlora, layer_types=(LoraLayer,),
+    parameter_tables=_LORA_TABLES, file_contents=lora_file_contents, prepare_base=qlora_prepare_base,
+    report=qlora_report, description="LoRA over a 4-bit NF4 base (QLoRA)"))
+register_method(AdapterMethod(
+    "adalora", AdaLoraConfig, wrap=None, peft_type="ADALORA", attach=attach_adalora, layer_types=(AdaLoraLayer,),
+    parameter_tables=("lora_A", "lora_B", "lora_E"), file_contents=adalora_file_contents,
+    training_hooks=adalora_training_hooks, set_total_steps=adalora_set_total_steps, resumable=False,
+    description="AdaLoRA: SVD-form LoRA whose rank budget is reallocated during training"))
+
+__all__ = ["ADAPTER_METHODS", "AdaptedModel", "AdapterLayer", "AdapterMethod", "LoraConfig", "LoraLayer",
+           "TrainingHooks", "get_method", "method_for_config", "method_for_peft_type", "parameter_tables",
+           "register_method"]

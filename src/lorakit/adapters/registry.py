@@ -1,14 +1,29 @@
-"""The adapter-method registry: a method is a name, a peft_type, a config class and a
-function that attaches one adapter to one base layer.
+"""The method registry: every training method is one entry that declares its whole contract.
 
-Adding a method means one folder ``adapters/<method>/`` and one ``register_method`` call in
-``adapters/__init__.py``; injection, saving and loading look methods up here.
+A method is a name, a config class, how it adapts a base model and how it loads what it saved,
+plus the hooks it needs, each a declared field (None / False when the method has none):
+
+    prepare_base(model, config)        change the frozen base before adapting (QLoRA quantizes it)
+    training_hooks(layers, name, cfg)  an object adding to the loss / acting after each step (AdaLoRA)
+    set_total_steps(config, n)         the run's optimizer-step count, when the method schedules over it
+    file_contents(model, name, cfg, publish) -> (config dict, tensors): what the adapter files hold
+    report(model)                      one line for the training log (QLoRA: base weight memory)
+    resumable                          checkpoints restore it exactly
+    trains                             False for a method with nothing to train (the prompt baseline)
+
+Layer methods (LoRA family, bottleneck adapters) also declare ``attach`` (wrap one base layer),
+the wrapper ``layer_types`` and the ``parameter_tables`` their parameters live in (``lora_A`` ...):
+those names are how peft's file keys are formed, so a parameter outside them cannot be saved,
+and ``LoraModel.save_pretrained`` refuses a trainable parameter that has no file key.
+
+Adding a method touches its folder, one ``register_method`` call in ``adapters/__init__.py`` and
+one row of the contract suite (tests/adapters/test_contract.py), which fails without the row.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from torch import nn
 
@@ -17,17 +32,31 @@ from lorakit.errors import LorakitError
 
 @dataclass(frozen=True)
 class AdapterMethod:
-    """name: the training config's ``method:`` value. peft_type: adapter_config.json's value.
-    config_class: dataclass with ``from_dict`` / ``to_dict``.
-    attach(module, adapter_name, config, module_name) -> nn.Module: wraps ``module`` (or adds
-    to an existing wrapper) and returns the module to put in its place.
-    layer_types: wrapper classes this method creates (to find them again in a model)."""
+    """One registered method; see the module docstring for each hook.
+
+    name: the training config's ``method:`` value. config_class: a dataclass with ``from_dict`` /
+    ``to_dict``. wrap(base, config, adapter_name) -> AdaptedModel (base frozen, method's
+    parameters trainable). load(base, directory, adapter_name, is_trainable) -> AdaptedModel.
+    peft_type: adapter_config.json's value, None when the method writes no adapter config.
+    wrap None: a layer method (``attach``), adapted and loaded by ``lorakit.models.LoraModel``,
+    which manages any layers that follow ``contract.AdapterLayer``."""
 
     name: str
-    peft_type: str
     config_class: type
-    attach: Callable[[nn.Module, str, object, str], nn.Module]
-    layer_types: tuple[type, ...]
+    wrap: Callable[..., Any] | None = None
+    load: Callable[..., Any] | None = None
+    peft_type: str | None = None
+    attach: Callable[[nn.Module, str, object, str], nn.Module] | None = None
+    layer_types: tuple[type, ...] = ()
+    parameter_tables: tuple[str, ...] = ()
+    prepare_base: Callable[[nn.Module, object], None] | None = None
+    training_hooks: Callable[[list, str, object], object] | None = None
+    set_total_steps: Callable[[object, int], None] | None = None
+    file_contents: Callable[..., tuple[dict, dict]] | None = None
+    report: Callable[[nn.Module], str] | None = None
+    resumable: bool = True
+    trains: bool = True
+    description: str = ""
 
 
 ADAPTER_METHODS: dict[str, AdapterMethod] = {}
@@ -44,20 +73,28 @@ def get_method(name: str) -> AdapterMethod:
 
 
 def method_for_config(config) -> AdapterMethod:
-    """The registered method whose config class ``config`` is (first registered wins)."""
+    """The registered method whose config class ``config`` is (exact type: QLoraConfig is not
+    resolved as LoraConfig)."""
     for method in ADAPTER_METHODS.values():
         if type(config) is method.config_class:
             return method
-    raise LorakitError(f"no registered adapter method uses {type(config).__name__}")
+    raise LorakitError(f"no registered method uses {type(config).__name__}; "
+                       f"known configs: {', '.join(m.config_class.__name__ for m in ADAPTER_METHODS.values())}")
 
 
 def method_for_peft_type(peft_type: str) -> AdapterMethod:
+    """The method that reads adapter files of ``peft_type`` (the first registered: LORA -> lora)."""
     for method in ADAPTER_METHODS.values():
         if method.peft_type == peft_type:
             return method
-    known = sorted({m.peft_type for m in ADAPTER_METHODS.values()})
+    known = sorted({m.peft_type for m in ADAPTER_METHODS.values() if m.peft_type})
     raise LorakitError(f"adapter peft_type '{peft_type}' is not supported; lorakit reads {', '.join(known)}")
 
 
 def all_layer_types() -> tuple[type, ...]:
     return tuple({t for m in ADAPTER_METHODS.values() for t in m.layer_types})
+
+
+def parameter_tables() -> frozenset[str]:
+    """Every adapter table name a registered layer method declares (``lora_A``, ``lora_E`` ...)."""
+    return frozenset(t for m in ADAPTER_METHODS.values() for t in m.parameter_tables)

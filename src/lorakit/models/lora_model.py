@@ -19,17 +19,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lorakit._modules import set_submodule
 from lorakit.adapters import method_for_config
-from lorakit.adapters import pissa
 from lorakit.adapters.registry import all_layer_types
 from lorakit.errors import LorakitError
 from lorakit.models import peft_format
 from lorakit.models.modules_to_save import ModulesToSaveWrapper
-from lorakit.models.targets import find_target_modules, set_submodule
+from lorakit.models.targets import find_target_modules
 
 
 class LoraModel(nn.Module):
-    """A causal LM whose selected layers carry adapters; see module docstring."""
+    """A causal LM whose selected layers carry adapters of a layer method (LoRA, QLoRA, AdaLoRA,
+    any registered method with ``attach``); see module docstring. Implements
+    ``lorakit.adapters.contract.AdaptedModel``; the method's declared hooks (registry) are the
+    only method-specific code paths."""
 
     def __init__(self, model: nn.Module, config, adapter_name: str = "default"):
         super().__init__()
@@ -67,6 +70,13 @@ class LoraModel(nn.Module):
         if hooks is not None:
             hooks.update_and_allocate(global_step)
 
+    after_optimizer_step = update_and_allocate  # the AdaptedModel contract's name
+
+    @property
+    def forward_is_inner_model(self) -> bool:
+        """True unless the active adapter's method adds a training regulariser in forward."""
+        return self._training_hooks.get(self.active_adapter) is None
+
     def generate(self, *args, **kwargs):
         return self.model.generate(*args, **kwargs)
 
@@ -91,8 +101,8 @@ class LoraModel(nn.Module):
         method = method_for_config(config)
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(self.model, "name_or_path", None) or None
-        if hasattr(config, "prepare_base"):  # method hook: QLoRA quantizes the whole base first
-            config.prepare_base(self.model)
+        if method.prepare_base is not None:  # QLoRA quantizes the whole base first
+            method.prepare_base(self.model, config)
         targets = find_target_modules(self.model, config)
         if config.target_modules == "all-linear" and getattr(config, "layers_to_transform", None) is not None:
             # peft rejects a string target with layers_to_transform in a saved config; record the names
@@ -105,10 +115,8 @@ class LoraModel(nn.Module):
         for name in config.modules_to_save or []:
             self._add_module_to_save(name, adapter_name)
         self.peft_config[adapter_name] = config
-        # Optional method hooks on the config: training_hooks(layers, name) -> object with
-        # extra_loss() and update_and_allocate(step), for a trainable adapter (AdaLoRA).
-        if hasattr(config, "training_hooks") and not config.inference_mode:
-            self._training_hooks[adapter_name] = config.training_hooks(self.adapter_layers(), adapter_name)
+        if method.training_hooks is not None and not config.inference_mode:  # AdaLoRA's rank allocator
+            self._training_hooks[adapter_name] = method.training_hooks(self.adapter_layers(), adapter_name, config)
         if config.bias != "none":
             for param in peft_format.adapter_tensors(self.model, adapter_name, config.bias, all_layer_types()).values():
                 param.requires_grad_(True)
@@ -132,7 +140,7 @@ class LoraModel(nn.Module):
         if adapter_name not in self.peft_config:
             raise LorakitError(f"unknown adapter '{adapter_name}'; loaded: {', '.join(self.peft_config)}")
         for _, layer in self.adapter_layers():
-            layer.active_adapters = [adapter_name] if adapter_name in layer.lora_A else []
+            layer.active_adapters = [adapter_name] if layer.has_adapter(adapter_name) else []
         for wrapper in self._wrappers():
             wrapper.active_adapter = adapter_name if adapter_name in wrapper.modules_to_save else None
         trainable = not getattr(self.peft_config[adapter_name], "inference_mode", False)
@@ -218,23 +226,45 @@ class LoraModel(nn.Module):
         config = self.peft_config[name]
         return peft_format.adapter_tensors(self.model, name, config.bias, all_layer_types())
 
+    def trainable_tensors(self) -> dict[str, torch.Tensor]:
+        """The active adapter's parameters under peft's file names (what checkpoints hold)."""
+        return self.adapter_state_dict()
+
     def save_pretrained(self, save_directory: str | Path, selected_adapters: list[str] | None = None,
                         convert_pissa_to_lora: bool = True, **_ignored) -> None:
         """peft layout: the "default" adapter in ``save_directory``, others in subfolders.
-        A PiSSA adapter is saved as the equivalent plain LoRA adapter (rank 2r) for the original
-        base unless ``convert_pissa_to_lora=False`` (see lorakit.adapters.pissa)."""
+        What the files hold is the method's ``file_contents`` hook (a PiSSA adapter is saved as
+        the equivalent plain LoRA adapter for the original base unless
+        ``convert_pissa_to_lora=False``; AdaLoRA drops pruned triplets)."""
         for name in selected_adapters or list(self.peft_config):
             directory = Path(save_directory) if name == "default" else Path(save_directory) / name
             config = self.peft_config[name]
-            config_dict = config.to_dict()
+            method = method_for_config(config)
+            if name == self.active_adapter:
+                self._check_all_trainable_saved(name)
+            if method.file_contents is not None:
+                config_dict, tensors = method.file_contents(self, name, config, convert_pissa_to_lora)
+            else:
+                config_dict, tensors = config.to_dict(), self.adapter_state_dict(name)
             config_dict["inference_mode"] = True
-            tensors = self.adapter_state_dict(name)
-            if hasattr(config, "tensors_for_file"):  # method hook: AdaLoRA drops pruned triplets, as peft saves
-                tensors = config.tensors_for_file(tensors)
-            if convert_pissa_to_lora and pissa.is_pissa(config_dict.get("init_lora_weights")):
-                config_dict = pissa.converted_config_dict(config_dict)
-                tensors = pissa.converted_tensors(self.model, name, tensors)
             peft_format.write_adapter_files(directory, config_dict, tensors)
+
+    def _check_all_trainable_saved(self, adapter_name: str) -> None:
+        """A trainable parameter must have a file key (a table its method declares); one that
+        does not would silently be missing from the saved adapter."""
+        saved = {id(p) for p in self.adapter_state_dict(adapter_name).values()}
+        for name, param in self.model.named_parameters():
+            if param.requires_grad and id(param) not in saved:
+                raise LorakitError(f"trainable parameter '{name}' would not be saved: it is in no adapter table "
+                                   f"its method declares (registry parameter_tables); freeze it or declare its table")
+
+    def save_checkpoint_files(self, directory: Path) -> None:
+        """The active adapter as it is in memory (PiSSA's raw factors), for an exact resume."""
+        self.save_pretrained(directory, convert_pissa_to_lora=False)
+
+    def load_checkpoint_files(self, directory: Path) -> None:
+        peft_format.copy_into_model(self.adapter_state_dict(), peft_format.read_adapter_weights(directory),
+                                    str(directory))
 
     def load_adapter(self, directory: str | Path, adapter_name: str = "default",
                      is_trainable: bool = False) -> None:

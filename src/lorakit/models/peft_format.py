@@ -22,51 +22,22 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from lorakit import _file_keys
+from lorakit._file_keys import FILE_PREFIX
 from lorakit._io import atomic_path, write_json_atomic
-from lorakit.adapters import method_for_peft_type
+from lorakit.adapters import method_for_peft_type, parameter_tables
 from lorakit.errors import LorakitError
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
-FILE_PREFIX = "base_model.model."
-# peft stores these adapter tensors without the trailing ".weight".
-_BARE_TENSORS = {"lora_magnitude_vector"}
+__all__ = ["FILE_PREFIX", "file_key"]  # and the readers / writers below
 
 
 def file_key(model_key: str, adapter_name: str) -> str | None:
-    """Map an in-memory parameter name of the wrapped model to peft's file name, or None
-    when the parameter does not belong to ``adapter_name``.
-
-    "model.layers.0.self_attn.q_proj.lora_A.default.weight" -> "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
-    "lm_head.modules_to_save.default.weight" -> "base_model.model.lm_head.weight"
-    """
-    parts = model_key.split(".")
-    out = []
-    i = 0
-    owned = False
-    while i < len(parts):
-        part = parts[i]
-        if part == "modules_to_save" and i + 1 < len(parts):
-            if parts[i + 1] != adapter_name:
-                return None
-            owned, i = True, i + 2
-            continue
-        if part.startswith("lora_") and i + 1 < len(parts) and not parts[i + 1].isdigit():
-            if parts[i + 1] != adapter_name:
-                return None
-            owned = True
-            out.append(part)
-            i += 2
-            if part in _BARE_TENSORS and i < len(parts) and parts[i] == "weight":
-                i += 1
-            continue
-        if part in ("base_layer", "original_module"):
-            i += 1
-            continue
-        out.append(part)
-        i += 1
-    return FILE_PREFIX + ".".join(out) if owned else None
+    """peft's file name of an in-memory adapter parameter, or None when it is not one of
+    ``adapter_name``'s (see ``lorakit._file_keys``; the tables are those registered methods declare)."""
+    return _file_keys.file_key(model_key, adapter_name, parameter_tables())
 
 
 def write_adapter_files(directory: str | Path, config_dict: dict, tensors: dict[str, torch.Tensor]) -> None:

@@ -14,6 +14,8 @@ import re
 from torch import nn
 
 from lorakit.adapters.lora.layer import SUPPORTED_BASE_TYPES
+from lorakit._modules import name_matches
+from lorakit.adapters import parameter_tables
 from lorakit.errors import LorakitError
 
 ALL_LINEAR = "all-linear"
@@ -25,19 +27,6 @@ DEFAULT_TARGETS = {
     "gemma3_text": ["q_proj", "v_proj"], "phi": ["q_proj", "v_proj"], "phi3": ["qkv_proj"],
     "gpt2": ["c_attn"], "gpt_neox": ["query_key_value"], "opt": ["q_proj", "v_proj"],
 }
-
-
-def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    """Put ``module`` at the dotted path ``name`` of ``root`` ("model.layers.0.mlp.up_proj")."""
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
-
-
-def name_matches(patterns: list[str] | str, name: str) -> bool:
-    """peft's rule: regex string -> fullmatch; list -> exact name or '.'-suffix match."""
-    if isinstance(patterns, str):
-        return re.fullmatch(patterns, name) is not None
-    return any(name == p or name.endswith("." + p) for p in patterns)
 
 
 def layer_index(name: str, layers_pattern: list[str] | str | None) -> int | None:
@@ -63,7 +52,8 @@ def output_head_names(model: nn.Module) -> set[str]:
 def inside_adapter_wrapper(name: str) -> bool:
     """True for modules an adapter wrapper owns ("q_proj.base_layer", "q_proj.lora_A.x", ...):
     a second adapter must target the wrapper, never its insides."""
-    return any(part in ("base_layer", "original_module", "modules_to_save") or part.startswith("lora_")
+    tables = parameter_tables()
+    return any(part in ("base_layer", "original_module", "modules_to_save") or part in tables
                for part in name.split("."))
 
 
@@ -120,11 +110,3 @@ def find_target_modules(model: nn.Module, config) -> list[str]:
         raise LorakitError(f"target_modules {targets!r} matched no layer of {type(model).__name__}; "
                            f"its linear layers are: {_short_names(linear_layer_names(model))}")
     return selected
-
-
-def pattern_value(patterns: dict, module_name: str, default):
-    """Per-module override from rank_pattern / alpha_pattern (peft: key is a name suffix or regex)."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module_name):
-            return value
-    return default

@@ -1,7 +1,7 @@
 """Checkpoints: everything needed to continue a run as if it had never stopped.
 
     <output_dir>/checkpoints/step-000050/
-        adapter_config.json, adapter_model.safetensors   the adapter (peft layout)
+        adapter_config.json, adapter_model.safetensors   the method's trainable state (LoRA: the adapter, peft layout)
         optimizer.pt, scheduler.pt                        AdamW moments, schedule position
         rng_state.pt                                      python / numpy / torch (/cuda) RNG, per process
         trainer_state.json                                global step, data position, config
@@ -24,7 +24,6 @@ import torch
 
 from lorakit._io import atomic_directory
 from lorakit.errors import LorakitError
-from lorakit.models import peft_format
 
 CHECKPOINTS = "checkpoints"
 STATE_NAME = "trainer_state.json"
@@ -75,7 +74,7 @@ def _to_tuple(value):
 def save_checkpoint(directory: Path, model, optimizer, scheduler, rng_states: list[dict], state: dict) -> Path:
     """Write one checkpoint atomically (call on the main process only)."""
     with atomic_directory(directory) as tmp:
-        model.save_pretrained(tmp, convert_pissa_to_lora=False)  # resume needs PiSSA's raw factors
+        model.save_checkpoint_files(tmp)  # the method's trainable state, exact (PiSSA: raw factors)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_states, tmp / "rng_state.pt")
@@ -104,8 +103,7 @@ def load_checkpoint(directory: Path, model, optimizer, scheduler, process_index:
     (``state``, when the caller has read it already with ``read_state``)."""
     directory = Path(directory)
     state = state if state is not None else read_state(directory)
-    weights = peft_format.read_adapter_weights(directory)
-    peft_format.copy_into_model(model.adapter_state_dict(), weights, str(directory))
+    model.load_checkpoint_files(directory)
     optimizer.load_state_dict(_load(directory / "optimizer.pt"))
     scheduler.load_state_dict(_load(directory / "scheduler.pt"))
     rng_states = _load(directory / "rng_state.pt")

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from lorakit.adapters.contract import AdaptedModel
 from lorakit.data import IGNORE_INDEX, batch_to_device
 from lorakit.training.fused_loss import linear_cross_entropy_sum
 
@@ -28,12 +29,13 @@ _PLAIN_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gpt
 
 def _plain_head_model(model):
     """The transformers model under a LoraModel when its head may be applied selectively, else None."""
-    inner = getattr(model, "model", None) if type(model).__name__ == "LoraModel" else None
+    # a DDP-wrapped model is not an AdaptedModel: its own forward must run (gradient sync);
+    # a method whose forward is more than the inner model's (prefix tokens, a regulariser) too
+    if not isinstance(model, AdaptedModel) or not model.forward_is_inner_model:
+        return None
+    inner = model.model
     config = getattr(inner, "config", None)
     if config is None or config.model_type not in _PLAIN_HEAD_TYPES or getattr(config, "final_logit_softcapping", None):
-        return None
-    # a method that adds a regulariser to the loss in LoraModel.forward (AdaLoRA) takes the full path
-    if getattr(model, "_training_hooks", {}).get(getattr(model, "active_adapter", None)) is not None:
         return None
     if not hasattr(inner, getattr(inner, "base_model_prefix", "") or "-"):
         return None

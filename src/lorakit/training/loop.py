@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from lorakit.adapters import get_method
 from lorakit.config import TrainingConfig, config_to_yaml
 from lorakit.errors import LorakitError
 from lorakit.hardware import probe_host, resolve_precision
@@ -75,9 +76,8 @@ def load_base(config: TrainingConfig, device=None, precision: str | None = None,
 
 
 def inject_adapters(model, config: TrainingConfig, total_steps: int):
-    """Wrap ``model`` with the configured method's adapters (trainable, everything else frozen).
-    Methods that schedule over the run (AdaLoRA's ``total_step``) get the step count when unset."""
-    from lorakit.adapters import get_method
+    """Adapt ``model`` with the configured method (its parameters trainable, the rest frozen).
+    A method that schedules over the run (``set_total_steps``: AdaLoRA) gets the step count."""
     from lorakit.models.inject import get_peft_model
 
     method = get_method(config.method)
@@ -85,8 +85,8 @@ def inject_adapters(model, config: TrainingConfig, total_steps: int):
     if not isinstance(adapter_config, method.config_class):
         raise LorakitError(f"method '{config.method}' needs a {method.config_class.__name__} in 'lora', "
                            f"got {type(adapter_config).__name__}")
-    if hasattr(adapter_config, "total_step") and getattr(adapter_config, "total_step") is None:
-        adapter_config.total_step = total_steps
+    if method.set_total_steps is not None:
+        method.set_total_steps(adapter_config, total_steps)
     return get_peft_model(model, adapter_config)
 
 
@@ -207,7 +207,7 @@ def _start_or_resume(run: _Run) -> int:
     with an evaluation of the untrained adapter (= the base model) and return 0."""
     config, accelerator, out = run.config, run.accelerator, Path(run.config.output_dir)
     resume_from = _resume_dir(config.train.resume, out, accelerator)
-    if resume_from is not None and hasattr(config.lora, "training_hooks"):
+    if resume_from is not None and not get_method(config.method).resumable:
         # AdaLoRA's allocator state (importance averages, masks) is not in checkpoints yet
         raise LorakitError(f"train.resume is not supported for method '{config.method}' yet (its rank "
                            f"allocator state is not checkpointed); start the run again without resume")
@@ -299,10 +299,9 @@ def _setup(config: TrainingConfig) -> _Run:
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(cpu=multi_cpu)
     model, plan, eval_batches, stats = _model_and_data(config, accelerator)
-    if config.method == "qlora":
-        from lorakit.adapters.qlora import base_weight_memory
-
-        _log(accelerator, base_weight_memory(model).summary())
+    method = get_method(config.method)
+    if method.report is not None:  # QLoRA: what the quantized base holds
+        _log(accelerator, method.report(model))
     trainable, all_params = model.get_nb_trainable_parameters()
     _log(accelerator, f"{config.method} on {config.model}: {trainable:,} trainable of {all_params:,} parameters; "
                       f"{plan.total_steps} steps of {args.batch_size} x {args.grad_accum} x "
@@ -330,8 +329,7 @@ def _optimizer_step(run: _Run, step: int) -> dict:
     with _defer_sigint():
         run.optimizer.step()
         run.scheduler.step()
-        if hasattr(run.model, "update_and_allocate"):  # AdaLoRA's rank allocator
-            run.model.update_and_allocate(step + 1)
+        run.model.after_optimizer_step(step + 1)  # the method's hook (AdaLoRA reallocates rank)
         run.optimizer.zero_grad(set_to_none=True)
         run.rng_after_step = ckpt.capture_rng()
     loss_sum, tokens = _reduce_sum(accelerator, loss_sum, tokens)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from lorakit.adapters.adalora.allocator import RankAllocator, kept_triplets
+from lorakit.adapters.adalora.allocator import RankAllocator, kept_triplets, prune_tensors_by_rank_pattern
 from lorakit.adapters.adalora.config import AdaLoraConfig
 from lorakit.adapters.adalora.layer import AdaLoraLayer
 from lorakit.adapters.lora.layer import wrap_target
@@ -28,4 +28,25 @@ def attach_adalora(module: nn.Module, adapter_name: str, config: AdaLoraConfig, 
     return layer
 
 
-__all__ = ["AdaLoraConfig", "AdaLoraLayer", "RankAllocator", "attach_adalora"]
+def adalora_training_hooks(layers: list, adapter_name: str, config: AdaLoraConfig) -> RankAllocator:
+    """The rank allocator of a trainable adapter: adds the orthogonality penalty to the loss
+    (``extra_loss``) and reallocates rank after each optimizer step (``update_and_allocate``)."""
+    config.check_schedule()  # total_step may have been filled in after construction (lorakit train)
+    return RankAllocator(config, dict(layers), adapter_name)
+
+
+def adalora_set_total_steps(config: AdaLoraConfig, total_steps: int) -> None:
+    """The budget schedule runs over the training run: an unset total_step becomes its length."""
+    if config.total_step is None:
+        config.total_step = total_steps
+
+
+def adalora_file_contents(model, adapter_name: str, config: AdaLoraConfig, publish: bool) -> tuple[dict, dict]:
+    """Only the triplets rank_pattern kept, as peft saves them (also in checkpoints: the pruned
+    triplets are zero and a loaded adapter is built at the kept rank)."""
+    tensors = prune_tensors_by_rank_pattern(model.adapter_state_dict(adapter_name), config.rank_pattern)
+    return config.to_dict(), tensors
+
+
+__all__ = ["AdaLoraConfig", "AdaLoraLayer", "RankAllocator", "adalora_file_contents", "adalora_set_total_steps",
+           "adalora_training_hooks", "attach_adalora"]

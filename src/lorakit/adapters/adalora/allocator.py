@@ -21,6 +21,7 @@ import torch
 
 from lorakit.adapters.adalora.functional import (budget_schedule, budget_threshold, orthogonality_penalty,
                                                  triplet_scores, update_importance)
+from lorakit._file_keys import FILE_PREFIX
 from lorakit.errors import LorakitError
 
 _E_SUFFIX = ".lora_E"
@@ -42,8 +43,6 @@ def prune_tensors_by_rank_pattern(tensors: dict[str, torch.Tensor],
                                   rank_pattern: dict[str, list[bool]] | None) -> dict[str, torch.Tensor]:
     """Drop pruned triplets from file tensors (keys "base_model.model.<module>.lora_{A,E,B}"):
     Q and Λ lose rows, P loses columns. Tensors already at the kept rank pass through."""
-    from lorakit.models.peft_format import FILE_PREFIX
-
     if not rank_pattern:
         return tensors
     out = dict(tensors)

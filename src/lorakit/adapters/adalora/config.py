@@ -158,18 +158,3 @@ class AdaLoraConfig:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a peft file may carry any r; it is ignored either way
             return cls(**kwargs)
-
-    # --- hooks LoraModel calls for methods that need them --------------------------------
-    def training_hooks(self, layers: list, adapter_name: str):
-        """The object that adds the orthogonality penalty to the loss and reallocates rank
-        (``extra_loss()``, ``update_and_allocate(step)``) for a trainable adapter."""
-        from lorakit.adapters.adalora.allocator import RankAllocator
-
-        self.check_schedule()  # total_step may have been filled in after construction (lorakit train)
-        return RankAllocator(self, dict(layers), adapter_name)
-
-    def tensors_for_file(self, tensors: dict) -> dict:
-        """Keep only the triplets rank_pattern kept, as peft saves them."""
-        from lorakit.adapters.adalora.allocator import prune_tensors_by_rank_pattern
-
-        return prune_tensors_by_rank_pattern(tensors, self.rank_pattern)

@@ -80,6 +80,9 @@ class AdaLoraLayer(nn.Module):
             for param in (A, E, B):
                 nn.init.normal_(param)
 
+    def has_adapter(self, name: str) -> bool:
+        return name in self.lora_A
+
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
             raise LorakitError(f"adapter '{name}' is merged into the base weights; unmerge it before deleting")

@@ -4,8 +4,8 @@ calls into ``layer`` for the forward, init and merge of DoRA adapters; the math 
 ``functional``."""
 
 from lorakit.adapters.dora.functional import dora_combine, dora_row_norm, row_sq_norm
-from lorakit.adapters.dora.layer import (DoraMagnitude, dora_forward, dora_merge_delta, dora_unmerge_delta,
+from lorakit.adapters.dora.layer import (DORA, DoraMagnitude, DoraVariant, dora_forward, dora_merge_delta, dora_unmerge_delta,
                                          init_dora)
 
-__all__ = ["DoraMagnitude", "dora_combine", "dora_forward", "dora_merge_delta", "dora_row_norm", "dora_unmerge_delta",
+__all__ = ["DORA", "DoraMagnitude", "DoraVariant", "dora_combine", "dora_forward", "dora_merge_delta", "dora_row_norm", "dora_unmerge_delta",
            "init_dora", "row_sq_norm"]

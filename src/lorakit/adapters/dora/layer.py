@@ -22,7 +22,7 @@ from torch import nn
 
 from lorakit.adapters.dora.functional import dora_combine, dora_row_norm, dora_row_norm_dense, row_sq_norm
 from lorakit.adapters.lora.functional import delta_weight
-from lorakit.adapters.qlora.base import dense_weight
+from lorakit._quantized import dense_weight
 
 
 class DoraMagnitude(nn.Module):
@@ -132,3 +132,29 @@ def dora_unmerge_delta(layer, name: str) -> torch.Tensor:
     layer.lora_magnitude_vector[name].merge_scale = None
     _clear_caches(layer)
     return _to_layout(layer, current - (current / g - delta))
+
+
+class DoraVariant:
+    """DoRA as a LoraLayer variant strategy (adapters/lora/variants.py): the layer calls these
+    for a DoRA adapter; its m lives in ``layer.lora_magnitude_vector[name]`` (peft's table)."""
+
+    fusable = False
+
+    def init(self, layer, name: str) -> None:
+        init_dora(layer, name)
+
+    def forward(self, layer, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        return dora_forward(layer, name, x, result)
+
+    def merge_delta(self, layer, name: str) -> torch.Tensor:
+        return dora_merge_delta(layer, name)
+
+    def unmerge_delta(self, layer, name: str) -> torch.Tensor:
+        return dora_unmerge_delta(layer, name)
+
+    def delete(self, layer, name: str) -> None:
+        if name in layer.lora_magnitude_vector:
+            del layer.lora_magnitude_vector[name]
+
+
+DORA = DoraVariant()

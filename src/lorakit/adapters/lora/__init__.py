@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
+from lorakit._modules import pattern_value
+from lorakit.adapters import pissa
+
 from lorakit.adapters.lora.config import LoraConfig
 from lorakit.adapters.lora.layer import LoraLayer, wrap_target
 
@@ -11,8 +14,6 @@ from lorakit.adapters.lora.layer import LoraLayer, wrap_target
 def attach_lora(module: nn.Module, adapter_name: str, config: LoraConfig, module_name: str) -> LoraLayer:
     """Wrap ``module`` in a LoraLayer (or reuse the wrapper) and add adapter ``adapter_name``
     with its rank and alpha resolved through rank_pattern / alpha_pattern."""
-    from lorakit.models.targets import pattern_value
-
     layer = wrap_target(module, LoraLayer, module_name, "LoRA")
     layer.add_adapter(
         adapter_name,
@@ -26,4 +27,16 @@ def attach_lora(module: nn.Module, adapter_name: str, config: LoraConfig, module
     return layer
 
 
-__all__ = ["LoraConfig", "LoraLayer", "attach_lora"]
+def lora_file_contents(model, adapter_name: str, config: LoraConfig, publish: bool) -> tuple[dict, dict]:
+    """(adapter_config dict, file tensors) of one LoRA adapter of a LoraModel. Published files
+    of a PiSSA adapter hold the equivalent plain LoRA adapter for the original base (rank 2r,
+    adapters/pissa); checkpoints (publish=False) keep PiSSA's raw factors, which resume needs."""
+    config_dict, tensors = config.to_dict(), model.adapter_state_dict(adapter_name)
+    if publish and pissa.is_pissa(config.init_lora_weights):
+        config_dict = pissa.converted_config_dict(config_dict)
+        layers = [(n, m) for n, m in model.adapter_layers() if isinstance(m, LoraLayer)]
+        tensors = pissa.converted_tensors(layers, adapter_name, tensors)
+    return config_dict, tensors
+
+
+__all__ = ["LoraConfig", "LoraLayer", "attach_lora", "lora_file_contents"]

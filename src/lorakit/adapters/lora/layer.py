@@ -14,16 +14,14 @@ Wraps ``nn.Linear`` (weight (out, in)) and GPT-2's ``Conv1D`` (weight (in, out),
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lorakit.adapters.dora.layer import dora_forward, dora_merge_delta, dora_unmerge_delta, init_dora
+from lorakit._quantized import dense_dtype, dense_linear, is_quantized
+from lorakit.adapters.dora.layer import DORA
 from lorakit.adapters.lora.functional import delta_weight, lora_linear, lora_scaling, merge_into, unmerge_from
-from lorakit.adapters.pissa import is_pissa, pissa_factors, pissa_niter
-from lorakit.adapters.qlora.base import dense_dtype, dense_linear, dense_weight, is_quantized
+from lorakit.adapters.lora.variants import PLAIN, LoraVariant, init_strategy
 from lorakit.errors import LorakitError
 
 SUPPORTED_BASE_TYPES = (nn.Linear, Conv1D)
@@ -79,6 +77,7 @@ class LoraLayer(nn.Module):
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters' m (adapters/dora)
+        self.variants: dict[str, LoraVariant] = {}  # per adapter: PLAIN or DORA (adapters/lora/variants.py)
         self.pissa_initial: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # PiSSA (A0, B0), for saving
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
@@ -105,47 +104,27 @@ class LoraLayer(nn.Module):
         self.r[name] = r
         self.lora_alpha[name] = lora_alpha
         self.scaling[name] = lora_scaling(r, lora_alpha, use_rslora)
+        self.variants[name] = DORA if use_dora else PLAIN
         self.reset_adapter(name, init_lora_weights)
-        if use_dora:
-            init_dora(self, name)
+        self.variants[name].init(self, name)
         if name not in self.active_adapters:
             self.active_adapters.append(name)
 
-    @torch.no_grad()
     def reset_adapter(self, name: str, init_lora_weights: bool | str) -> None:
-        """True: A Kaiming-uniform, B = 0 (peft's default). "gaussian": A ~ N(0, 1/r), B = 0.
-        False: both random (a non-identity adapter, useful for tests). "pissa" / "pissa_niter_N":
-        top-r singular directions of W, and W becomes the residual (adapters/pissa)."""
-        A, B = self.lora_A[name].weight, self.lora_B[name].weight
-        if is_pissa(init_lora_weights):
-            self._pissa_init(name, pissa_niter(init_lora_weights))
-            return
-        if init_lora_weights is False:
-            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-            nn.init.kaiming_uniform_(B, a=math.sqrt(5))
-            return
-        if init_lora_weights == "gaussian":
-            nn.init.normal_(A, std=1.0 / self.r[name])
-        else:
-            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-        nn.init.zeros_(B)
+        """Initialise A and B as ``init_lora_weights`` says (``variants.init_strategy``): True: A
+        Kaiming-uniform, B = 0 (peft's default); "gaussian": A ~ N(0, 1/r), B = 0; False: both
+        random; "pissa" / "pissa_niter_N": top-r singular directions of W, W becomes the residual."""
+        init_strategy(init_lora_weights)(self, name)
 
-    @torch.no_grad()
-    def _pissa_init(self, name: str, niter: int | None) -> None:
-        if is_quantized(self.base_layer) or not self.base_layer.weight.is_floating_point():
-            raise LorakitError("PiSSA needs a floating-point base weight; initialise it before quantizing the base")
-        A0, B0, residual = pissa_factors(dense_weight(self.base_layer), self.r[name], self.scaling[name], niter)
-        self.lora_A[name].weight.copy_(A0)
-        self.lora_B[name].weight.copy_(B0)
-        weight = self.base_layer.weight
-        weight.data.copy_((residual.T if self.fan_in_fan_out else residual).to(weight.dtype))
-        self.pissa_initial[name] = (self.lora_A[name].weight.detach().clone(), self.lora_B[name].weight.detach().clone())
+    def has_adapter(self, name: str) -> bool:
+        return name in self.lora_A
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
             raise LorakitError(f"adapter '{name}' is merged into the base weights; unmerge it before deleting")
         self.pissa_initial.pop(name, None)
-        for table in (self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector):
+        self.variants.pop(name, PLAIN).delete(self, name)
+        for table in (self.lora_A, self.lora_B, self.lora_dropout):
             if name in table:
                 del table[name]
         for table in (self.r, self.lora_alpha, self.scaling):
@@ -171,7 +150,7 @@ class LoraLayer(nn.Module):
         if args or kwargs or self.disable_adapters or self.mixed_batch is not None:
             return None
         names = pending_adapters(self)
-        if len(names) != 1 or names[0] in self.lora_magnitude_vector:
+        if len(names) != 1 or not self.variants[names[0]].fusable:
             return None
         name, base = names[0], self.base_layer
         if type(base) is not nn.Linear or base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
@@ -193,10 +172,7 @@ class LoraLayer(nn.Module):
         if self.mixed_batch is not None:
             return self.mixed_batch(x, result)
         for name in pending_adapters(self):
-            if name in self.lora_magnitude_vector:
-                result = dora_forward(self, name, x, result)
-                continue
-            result = result + self.adapter_output(name, x).to(result.dtype)
+            result = self.variants[name].forward(self, name, x, result)
         return result
 
     @torch.no_grad()
@@ -209,8 +185,7 @@ class LoraLayer(nn.Module):
         if names and is_quantized(self.base_layer):
             target_dtype, self.base_layer = dense_dtype(self.base_layer), dense_linear(self.base_layer)
         for name in names:
-            dora = name in self.lora_magnitude_vector
-            merge_into(self.base_layer.weight, dora_merge_delta(self, name) if dora else self.get_delta_weight(name))
+            merge_into(self.base_layer.weight, self.variants[name].merge_delta(self, name))
             self.merged_adapters.append(name)
         if target_dtype is not None:
             self.base_layer.to(target_dtype)
@@ -220,8 +195,7 @@ class LoraLayer(nn.Module):
         """Undo ``merge()`` in reverse order: W <- W - s·BA."""
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            dora = name in self.lora_magnitude_vector
-            unmerge_from(self.base_layer.weight, dora_unmerge_delta(self, name) if dora else self.get_delta_weight(name))
+            unmerge_from(self.base_layer.weight, self.variants[name].unmerge_delta(self, name))
 
     def extra_repr(self) -> str:
         ranks = ", ".join(f"{n}: r={r}" for n, r in self.r.items())

@@ -25,7 +25,11 @@ import math
 
 import torch
 
+from lorakit._file_keys import file_key
+from lorakit._quantized import dense_weight, is_quantized
 from lorakit.errors import LorakitError
+
+_TABLES = ("lora_A", "lora_B")
 
 
 def is_pissa(init_lora_weights) -> bool:
@@ -59,6 +63,20 @@ def pissa_factors(weight: torch.Tensor, r: int, scaling: float, niter: int | Non
     return A0, B0, W - scaling * (B0 @ A0)
 
 
+@torch.no_grad()
+def pissa_init(layer, name: str, niter: int | None) -> None:
+    """Initialise adapter ``name`` of a LoraLayer from W's top-r singular directions and make the
+    base weight the residual; the initial factors are kept (``layer.pissa_initial``) for saving."""
+    base = layer.base_layer
+    if is_quantized(base) or not base.weight.is_floating_point():
+        raise LorakitError("PiSSA needs a floating-point base weight; initialise it before quantizing the base")
+    A0, B0, residual = pissa_factors(dense_weight(base), layer.r[name], layer.scaling[name], niter)
+    layer.lora_A[name].weight.copy_(A0)
+    layer.lora_B[name].weight.copy_(B0)
+    base.weight.data.copy_((residual.T if layer.fan_in_fan_out else residual).to(base.weight.dtype))
+    layer.pissa_initial[name] = (layer.lora_A[name].weight.detach().clone(), layer.lora_B[name].weight.detach().clone())
+
+
 def pissa_to_lora_factors(A: torch.Tensor, B: torch.Tensor, A0: torch.Tensor, B0: torch.Tensor):
     """(A' (2r, in), B' (out, 2r)) with B'A' = BA - B0 A0 (see module docstring)."""
     return torch.cat([A, A0.to(A)], dim=0), torch.cat([B, -B0.to(B)], dim=1)
@@ -80,16 +98,15 @@ def converted_config_dict(config_dict: dict) -> dict:
     return out
 
 
-def converted_tensors(model, adapter_name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Replace each layer's lora_A / lora_B file tensors by the rank-2r LoRA factors."""
-    from lorakit.models.peft_format import file_key
-
+def converted_tensors(layers, adapter_name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Replace each LoRA layer's lora_A / lora_B file tensors by the rank-2r LoRA factors.
+    layers: (module name, LoraLayer) pairs of the model."""
     out = dict(tensors)
-    for module_name, module in model.named_modules():
-        initial = getattr(module, "pissa_initial", {}).get(adapter_name)
+    for module_name, module in layers:
+        initial = module.pissa_initial.get(adapter_name)
         if initial is None:
             continue
-        key_A = file_key(f"{module_name}.lora_A.{adapter_name}.weight", adapter_name)
-        key_B = file_key(f"{module_name}.lora_B.{adapter_name}.weight", adapter_name)
+        key_A = file_key(f"{module_name}.lora_A.{adapter_name}.weight", adapter_name, _TABLES)
+        key_B = file_key(f"{module_name}.lora_B.{adapter_name}.weight", adapter_name, _TABLES)
         out[key_A], out[key_B] = pissa_to_lora_factors(tensors[key_A].detach(), tensors[key_B].detach(), *initial)
     return out

@@ -17,19 +17,19 @@ from __future__ import annotations
 
 from torch import nn
 
+from lorakit.adapters.lora import LoraLayer, attach_lora
+
 from lorakit.adapters.qlora.base import (QUANT_CHOICES, BaseWeightMemory, base_weight_memory, dense_linear,
                                          dense_weight, dequantize_base, dequantize_weight, is_quantized,
                                          quantize_base, quantize_embedding_and_head, quantize_linear,
                                          resolve_compute_dtype)
-from lorakit.adapters.qlora.embedding import QuantizedEmbedding
+from lorakit._quantized_embedding import QuantizedEmbedding
 from lorakit.adapters.qlora.config import QLoraConfig
 
 
 def attach_qlora(module: nn.Module, adapter_name: str, config: QLoraConfig, module_name: str) -> nn.Module:
     """attach_lora over a quantized base: quantizes ``module`` as ``config`` says unless it is
     already a quantized layer or a LoraLayer."""
-    from lorakit.adapters.lora import LoraLayer, attach_lora
-
     if not isinstance(module, LoraLayer) and not is_quantized(module):
         module = quantize_linear(module, getattr(config, "quantization", "nf4"),
                                  resolve_compute_dtype(getattr(config, "compute_dtype", "auto")),
@@ -37,6 +37,16 @@ def attach_qlora(module: nn.Module, adapter_name: str, config: QLoraConfig, modu
     return attach_lora(module, adapter_name, config, module_name)
 
 
-__all__ = ["QUANT_CHOICES", "BaseWeightMemory", "QLoraConfig", "QuantizedEmbedding", "attach_qlora", "base_weight_memory", "dense_linear",
+def qlora_prepare_base(model: nn.Module, config: QLoraConfig) -> None:
+    """Quantize the whole base as ``config`` says before the adapters are attached."""
+    config.prepare_base(model)
+
+
+def qlora_report(model: nn.Module) -> str:
+    """The training log's line on what the quantized base holds in memory."""
+    return base_weight_memory(model).summary()
+
+
+__all__ = ["qlora_prepare_base", "qlora_report", "QUANT_CHOICES", "BaseWeightMemory", "QLoraConfig", "QuantizedEmbedding", "attach_qlora", "base_weight_memory", "dense_linear",
            "dense_weight", "dequantize_base", "dequantize_weight", "is_quantized", "quantize_base",
            "quantize_embedding_and_head", "quantize_linear"]

@@ -29,60 +29,19 @@ bitsandbytes is imported lazily: only functions that create or read quantized la
 
 from __future__ import annotations
 
-import sys
 import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from lorakit.adapters.qlora.embedding import QuantizedEmbedding
+from lorakit._quantized import _bnb, dense_dtype, dense_linear, dense_weight, dequantize_weight, is_quantized  # noqa: F401 - re-exported
+from lorakit._dtypes import resolve_dtype
+from lorakit._modules import replace_module, set_submodule
+from lorakit._quantized_embedding import QuantizedEmbedding
 from lorakit.errors import LorakitError
 
 QUANT_CHOICES = ("nf4", "fp4", "int8")
-
-
-def _bnb():
-    try:
-        import bitsandbytes
-    except ImportError:  # pragma: no cover - bitsandbytes is a dependency here
-        raise LorakitError("quantized bases need bitsandbytes; install it with: pip install bitsandbytes") from None
-    return bitsandbytes
-
-
-def is_quantized(module: nn.Module) -> bool:
-    """True for a bitsandbytes 4-bit or 8-bit linear layer or a QuantizedEmbedding (no import
-    when bnb is unused)."""
-    if isinstance(module, QuantizedEmbedding):
-        return True
-    if "bitsandbytes" not in sys.modules:
-        return False
-    bnb_nn = sys.modules["bitsandbytes"].nn
-    return isinstance(module, (bnb_nn.Linear4bit, bnb_nn.Linear8bitLt))
-
-
-def dequantize_weight(module: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The dense weight (out, in) of a quantized linear layer, or the (num, dim) table of a
-    QuantizedEmbedding (a fresh tensor, no grad)."""
-    bnb = _bnb()
-    weight = module.weight
-    with torch.no_grad():
-        if isinstance(module, (bnb.nn.Linear4bit, QuantizedEmbedding)):
-            dense = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
-        elif isinstance(module, bnb.nn.Linear8bitLt):
-            scb = weight.SCB if weight.SCB is not None else module.state.SCB
-            dense = bnb.functional.int8_vectorwise_dequant(weight.data, scb)
-        else:
-            raise LorakitError(f"{type(module).__name__} is not a quantized layer")
-    return dense if dtype is None else dense.to(dtype)
-
-
-def dense_weight(base_layer: nn.Module) -> torch.Tensor:
-    """W as (out, in) for any supported base: a view for Linear / Conv1D, dequantized for bnb."""
-    if is_quantized(base_layer):
-        return dequantize_weight(base_layer)
-    weight = base_layer.weight
-    return weight.T if type(base_layer).__name__ == "Conv1D" else weight
 
 
 def _linear_weight_and_bias(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -127,38 +86,9 @@ def quantize_linear(module: nn.Module, quantization: str = "nf4", compute_dtype=
     return layer
 
 
-def dense_dtype(module: nn.Module) -> torch.dtype:
-    """The dtype a quantized layer's weight had before quantization (4-bit records it in its
-    quant state); bf16 for int8 layers, which do not record it."""
-    state = getattr(module.weight, "quant_state", None)
-    return state.dtype if state is not None else torch.bfloat16
-
-
-def dense_linear(module: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Linear:
-    """A regular nn.Linear with ``module``'s dequantized weight in ``dtype`` (never re-quantized)."""
-    weight = dequantize_weight(module, dtype)
-    out_features, in_features = weight.shape
-    layer = nn.Linear(in_features, out_features, bias=module.bias is not None, device=weight.device, dtype=dtype)
-    with torch.no_grad():
-        layer.weight.copy_(weight)
-        if module.bias is not None:
-            layer.bias.copy_(module.bias)
-    layer.requires_grad_(False)
-    return layer
-
-
 def _output_head_ids(model: nn.Module) -> set[int]:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return {id(head)} if head is not None else set()
-
-
-def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
-    """Put ``new`` wherever ``old`` sits in ``model`` (a tied module may sit under several names)."""
-    names = [n for n, m in model.named_modules(remove_duplicate=False) if m is old and n]
-    from lorakit.models.targets import set_submodule  # local: models.targets imports the layers
-
-    for name in names:
-        set_submodule(model, name, new)
 
 
 def _table_as_linear(weight: torch.Tensor) -> nn.Linear:
@@ -193,14 +123,14 @@ def quantize_embedding_and_head(model: nn.Module, quantization: str = "nf4", com
     quantized_head = None
     if head is not None and type(head) is nn.Linear:
         quantized_head = quantize_linear(head, quantization, compute_dtype, double_quant)
-        _replace(model, head, quantized_head)
+        replace_module(model, head, quantized_head)
     if embedding is not None and type(embedding) is nn.Embedding:
         if tied:  # one table: the embedding reads the head's 4-bit codes
             table = quantized_head.weight
         else:
             table = quantize_linear(_table_as_linear(embedding.weight), quantization, compute_dtype,
                                     double_quant).weight
-        _replace(model, embedding, QuantizedEmbedding(table, embedding.padding_idx))
+        replace_module(model, embedding, QuantizedEmbedding(table, embedding.padding_idx))
     return model
 
 
@@ -208,7 +138,6 @@ def resolve_compute_dtype(compute_dtype) -> torch.dtype:
     """A dtype or its name; "auto" = what the host probe picks (bf16 only where it is native and
     faster, else fp32: emulated bf16 would make every base matmul hundreds of times slower)."""
     from lorakit.hardware import preferred_compute_dtype
-    from lorakit.models.load import resolve_dtype
 
     return preferred_compute_dtype() if compute_dtype == "auto" else resolve_dtype(compute_dtype)
 
@@ -238,7 +167,6 @@ def quantize_base(model: nn.Module, quantization: str = "nf4", compute_dtype="au
         if ".lora_" in f".{name}":  # adapter weights are never quantized
             continue
         targets.append(name)
-    from lorakit.models.targets import set_submodule  # local: models.targets imports the layers
 
     for name in targets:
         set_submodule(model, name, quantize_linear(model.get_submodule(name), quantization, compute_dtype, double_quant))
@@ -264,7 +192,6 @@ def dequantize_base(model: nn.Module, dtype=None) -> nn.Module:
     quantization), in place; layers that shared one quantized weight (a tied embedding and head)
     share one dense weight. Call it before merging to choose the merged model's dtype; merging a
     quantized layer does this by itself."""
-    from lorakit.models.load import resolve_dtype
 
     dense_of: dict[int, nn.Parameter] = {}  # id(quantized weight) -> its dense replacement
     for name, module in list(model.named_modules()):
@@ -279,7 +206,7 @@ def dequantize_base(model: nn.Module, dtype=None) -> nn.Module:
         if shared is not None and shared.shape == dense.weight.shape:
             dense.weight = shared
         dense_of.setdefault(id(module.weight), dense.weight)
-        _replace(model, module, dense)
+        replace_module(model, module, dense)
     return model
 
 

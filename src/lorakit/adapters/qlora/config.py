@@ -11,7 +11,7 @@ from typing import Any
 
 from lorakit._dataclass_config import strict_config
 from lorakit.adapters.lora.config import LoraConfig
-from lorakit.adapters.qlora.base import QUANT_CHOICES
+from lorakit.adapters.qlora.base import QUANT_CHOICES, quantize_base
 from lorakit.errors import LorakitError
 
 _BASE_KEYS = ("quantization", "compute_dtype", "double_quant", "quantize_embeddings")
@@ -50,8 +50,6 @@ class QLoraConfig(LoraConfig):
         """Quantize the whole base as this config says (every linear layer, and the embedding and
         output head unless quantize_embeddings is false), in place; returns ``model``. Attaching
         quantizes only the adapted layers: call this on the base before injecting adapters."""
-        from lorakit.adapters.qlora.base import quantize_base
-
         return quantize_base(model, self.quantization, self.compute_dtype, self.double_quant,
                              quantize_embeddings=self.quantize_embeddings)
 
