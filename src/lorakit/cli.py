@@ -16,7 +16,7 @@ import sys
 
 from lorakit.commands import _common
 
-COMMANDS = ["train", "generate", "chat", "eval", "merge", "info", "serve", "env"]
+COMMANDS = ["train", "compare", "generate", "chat", "eval", "merge", "info", "serve", "env"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,11 +27,13 @@ from tiny_models import FP32_ATOL, sample_input_ids, tiny_model
 
 import lorakit
 from lorakit import LoraConfig, get_peft_model, load_adapter
-from lorakit.adapters import ADAPTER_METHODS, AdaptedModel, method_for_config, method_for_peft_type
+from lorakit.adapters import ADAPTER_METHODS, AdaptedModel, method_for_config, method_for_directory
 from lorakit.adapters.adalora import AdaLoraConfig
 from lorakit.adapters.dora import DORA
+from lorakit.adapters.full import FullConfig
 from lorakit.adapters.lora import LoraLayer
 from lorakit.adapters.lora.variants import PLAIN
+from lorakit.adapters.prompt import PromptConfig
 from lorakit.adapters.qlora import QLoraConfig, is_quantized, quantize_base
 from lorakit.errors import LorakitError
 
@@ -45,7 +47,8 @@ class Row:
     base for qlora). variant: the LoRA layer strategy each adapter must hold (None: not LoRA).
     disabled_is_base: False for PiSSA, whose frozen weight is the residual once initialised.
     merges / restores: merge keeps the outputs / unmerge restores the weights bit-near.
-    peft_reads: peft loads the saved files with the same logits. atol: the row's tolerance."""
+    peft_reads: peft loads the saved files with the same logits. atol: the row's tolerance.
+    trains: False for a method with nothing to train (the prompt baseline)."""
 
     method: str
     config: Callable[[list[str]], object]
@@ -55,6 +58,7 @@ class Row:
     merges: bool = True
     restores: bool = True
     peft_reads: bool = True
+    trains: bool = True
     atol: float = FP32_ATOL
 
 
@@ -73,6 +77,11 @@ ROWS = {
     "qlora": Row("qlora", lambda t: QLoraConfig(r=4, target_modules=t, compute_dtype="float32"),
                  base=_quantized_tiny, variant=PLAIN, restores=False, peft_reads=False, atol=1e-4),
     "adalora": Row("adalora", lambda t: AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=t)),
+    # full fine-tuning changes the base itself: nothing to disable or merge; files are a transformers dir
+    "full": Row("full", lambda t: FullConfig(), disabled_is_base=False, merges=False, peft_reads=False),
+    "full-part": Row("full", lambda t: FullConfig(trainable_modules=t), disabled_is_base=False, merges=False,
+                     peft_reads=False),
+    "prompt": Row("prompt", lambda t: PromptConfig(num_examples=0), merges=False, peft_reads=False, trains=False),
 }
 CASES = [(row, arch) for row in ROWS for arch in ARCH_TARGETS]
 
@@ -96,6 +105,11 @@ def _adapted(row_name: str, arch: str, trained: bool = True):
     return model
 
 
+def model_config(model):
+    """The config the adapted model was built from (each wrapper keeps it under its own name)."""
+    return model.peft_config["default"] if hasattr(model, "peft_config") else model.method_config
+
+
 def test_every_registered_method_has_a_row():
     covered = {row.method for row in ROWS.values()}
     assert set(ADAPTER_METHODS) <= covered, f"add a row to ROWS for: {sorted(set(ADAPTER_METHODS) - covered)}"
@@ -109,9 +123,11 @@ def test_registry_resolves_the_config_to_its_method(row, tmp_path):
     model = _adapted(row, "llama")
     assert isinstance(model, AdaptedModel)
     model.save_pretrained(tmp_path)
-    saved = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert saved["peft_type"] == method.peft_type  # qlora's files are LoRA files, read by lora
-    assert method_for_peft_type(saved["peft_type"]).peft_type == method.peft_type
+    # what was saved is recognised as this method's output (qlora's files are LoRA files, read by lora)
+    found = method_for_directory(tmp_path)
+    assert found is method or (found.peft_type == method.peft_type and found.attach is not None)
+    if method.peft_type is not None:
+        assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == method.peft_type
 
 
 @pytest.mark.parametrize("row,arch", CASES)
@@ -135,7 +151,9 @@ def test_initial_adaptation_equals_base(row, arch):
 @pytest.mark.parametrize("row,arch", CASES)
 def test_disabled_adaptation_equals_base(row, arch):
     if not ROWS[row].disabled_is_base:
-        pytest.skip("the frozen base is changed by this variant's init (PiSSA's residual)")
+        pytest.skip("the base weights themselves change (PiSSA's residual, full fine-tuning)")
+    if not ROWS[row].trains:
+        pytest.skip("nothing is trained: the model is the base whether disabled or not")
     ids = sample_input_ids()
     model = _adapted(row, arch)
     base = _logits(ROWS[row].base(arch), ids)
@@ -152,6 +170,9 @@ def test_a_training_step_changes_exactly_the_declared_parameters(row, arch):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     params = [p for p in model.parameters() if p.requires_grad]
     assert {id(p) for p in params} == declared, "requires_grad must be set on exactly the declared tensors"
+    assert bool(declared) == ROWS[row].trains == method_for_config(model_config(model)).trains
+    if not ROWS[row].trains:
+        return
     model.train()
     model(input_ids=ids, labels=ids).loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)

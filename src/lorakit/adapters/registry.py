@@ -8,6 +8,7 @@ plus the hooks it needs, each a declared field (None / False when the method has
     set_total_steps(config, n)         the run's optimizer-step count, when the method schedules over it
     file_contents(model, name, cfg, publish) -> (config dict, tensors): what the adapter files hold
     report(model)                      one line for the training log (QLoRA: base weight memory)
+    eval_context(cfg, data_cfg)        turns placed before every evaluated conversation (the prompt baseline)
     resumable                          checkpoints restore it exactly
     trains                             False for a method with nothing to train (the prompt baseline)
 
@@ -38,6 +39,9 @@ class AdapterMethod:
     ``to_dict``. wrap(base, config, adapter_name) -> AdaptedModel (base frozen, method's
     parameters trainable). load(base, directory, adapter_name, is_trainable) -> AdaptedModel.
     peft_type: adapter_config.json's value, None when the method writes no adapter config.
+    output: what ``save_pretrained`` publishes: "adapter" (peft files), "model" (a transformers
+    directory; the training loop adds the tokenizer) or "prompt" (the prompt baseline's file);
+    saved_file: the file that marks a directory as this method's output (``method_for_directory``).
     wrap None: a layer method (``attach``), adapted and loaded by ``lorakit.models.LoraModel``,
     which manages any layers that follow ``contract.AdapterLayer``."""
 
@@ -54,8 +58,11 @@ class AdapterMethod:
     set_total_steps: Callable[[object, int], None] | None = None
     file_contents: Callable[..., tuple[dict, dict]] | None = None
     report: Callable[[nn.Module], str] | None = None
+    eval_context: Callable[[object, object], list] | None = None
     resumable: bool = True
     trains: bool = True
+    output: str = "adapter"
+    saved_file: str = "adapter_config.json"
     description: str = ""
 
 
@@ -89,6 +96,31 @@ def method_for_peft_type(peft_type: str) -> AdapterMethod:
             return method
     known = sorted({m.peft_type for m in ADAPTER_METHODS.values() if m.peft_type})
     raise LorakitError(f"adapter peft_type '{peft_type}' is not supported; lorakit reads {', '.join(known)}")
+
+
+def method_for_directory(directory) -> AdapterMethod:
+    """The method whose output ``directory`` holds: an adapter_config.json's peft_type first, then
+    the other methods' ``saved_file`` (a transformers config.json: full fine-tuning)."""
+    from pathlib import Path
+
+    directory = Path(directory)
+    config = directory / "adapter_config.json"
+    if config.is_file():
+        import json
+
+        try:
+            peft_type = json.loads(config.read_text(encoding="utf-8")).get("peft_type")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            peft_type = None
+        if isinstance(peft_type, str):
+            return method_for_peft_type(peft_type)
+        raise LorakitError(f"{config}: not an adapter config (no 'peft_type' string)")
+    for method in ADAPTER_METHODS.values():
+        if method.peft_type is None and (directory / method.saved_file).is_file():
+            return method
+    others = " or ".join(m.saved_file for m in ADAPTER_METHODS.values() if m.peft_type is None)
+    raise LorakitError(f"'{directory}' is not an adapter directory: adapter_config.json is missing "
+                       f"(nor is it a lorakit output with {others})")
 
 
 def all_layer_types() -> tuple[type, ...]:

@@ -49,8 +49,31 @@ def _bad(where: str, reason: str) -> LorakitError:
     return LorakitError(f"{where}: {reason}; fix the row or set data.skip_bad_rows: true")
 
 
-def _load_file(path: str, config: DataConfig, tokenizer, stats: DataStats) -> tuple[list[dict], str]:
-    """Samples of one file and the format used; updates the truncated/skipped/dropped counts."""
+def with_context(messages: list[dict], context: list[dict]) -> tuple[list[dict], int]:
+    """(conversation with ``context`` turns placed after its system message, index of its own
+    first turn): how few-shot examples precede a conversation (the prompt baseline)."""
+    if not context:
+        return messages, 0
+    head = messages[:1] if messages and messages[0]["role"] == "system" else []
+    combined = head + list(context) + messages[len(head):]
+    return combined, len(head) + len(context)
+
+
+def _tokenize_with_context(tokenizer, messages: list[dict], context: list[dict], config: DataConfig):
+    """(input_ids, labels) of ``messages`` after as much of ``context`` as max_seq_len leaves room
+    for: whole user/assistant pairs are dropped from the front, so the scored turns are never cut."""
+    while True:
+        combined, label_from = with_context(messages, context)
+        ids, labels = tokenize_conversation(tokenizer, combined, config.train_on_prompt, label_from)
+        if len(ids) <= config.max_seq_len or not context:
+            return ids, labels
+        context = context[2:]
+
+
+def _load_file(path: str, config: DataConfig, tokenizer, stats: DataStats,
+               context: list[dict] | None = None) -> tuple[list[dict], str]:
+    """Samples of one file and the format used; updates the truncated/skipped/dropped counts.
+    ``context``: turns placed before each conversation, unlabelled (see ``with_context``)."""
     fmt = None if config.format == "auto" else config.format
     samples, rows, skipped, truncated, dropped, first_bad = [], 0, 0, 0, 0, None
     for where, row in read_rows(path):
@@ -61,9 +84,11 @@ def _load_file(path: str, config: DataConfig, tokenizer, stats: DataStats) -> tu
             fmt = fmt or detect_format(row, where)
             example = row_to_example(row, fmt)
             if isinstance(example, str):
+                if context:
+                    raise LorakitError(f"{where}: few-shot context needs conversations, not plain text")
                 ids, labels = tokenize_text(tokenizer, example)
             else:
-                ids, labels = tokenize_conversation(tokenizer, example, config.train_on_prompt)
+                ids, labels = _tokenize_with_context(tokenizer, example, context or [], config)
         except BadRow as err:
             if not config.skip_bad_rows:
                 raise _bad(where, str(err)) from None
@@ -108,8 +133,10 @@ def _split(samples: list[dict], ratio: float, seed: int, path: str) -> tuple[lis
             [samples[i] for i in sorted(held)])
 
 
-def build_datasets(config: DataConfig, tokenizer) -> tuple[list[dict], list[dict] | None, DataStats]:
-    """(train samples, eval samples or None, stats) for ``config``.
+def build_datasets(config: DataConfig, tokenizer,
+                   eval_context: list[dict] | None = None) -> tuple[list[dict], list[dict] | None, DataStats]:
+    """(train samples, eval samples or None, stats) for ``config``. ``eval_context``: turns placed
+    before every evaluated conversation, unlabelled (the prompt baseline's few-shot examples).
 
     Each sample: {"input_ids": list[int], "labels": list[int]}, len <= config.max_seq_len,
     labels -100 on tokens not trained on (prompt tokens unless train_on_prompt).
@@ -123,7 +150,7 @@ def build_datasets(config: DataConfig, tokenizer) -> tuple[list[dict], list[dict
     train, stats.format = _load_file(config.train, config, tokenizer, stats)
     evaluation = None
     if config.eval:
-        evaluation, _ = _load_file(config.eval, config, tokenizer, stats)
+        evaluation, _ = _load_file(config.eval, config, tokenizer, stats, eval_context)
     elif config.eval_ratio:
         train, evaluation = _split(train, config.eval_ratio, config.seed, config.train)
     stats.train_samples = len(train)

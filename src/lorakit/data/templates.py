@@ -47,12 +47,13 @@ def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = F
         raise BadRow(f"the chat template rejects this conversation ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
 
 
-def assistant_char_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """(full text, [(start, end) character span of each assistant reply + end-of-turn])."""
+def assistant_char_spans(tokenizer, messages: list[dict], label_from: int = 0) -> tuple[str, list[tuple[int, int]]]:
+    """(full text, [(start, end) character span of each assistant reply + end-of-turn]) for the
+    assistant messages at index >= ``label_from`` (earlier turns are context, e.g. few-shot examples)."""
     text = render_chat(tokenizer, messages)
     spans = []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or i < label_from:
             continue
         prompt = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
         upto = render_chat(tokenizer, messages[: i + 1])
@@ -72,13 +73,14 @@ def _token_offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int
     return list(encoding["input_ids"]), [tuple(o) for o in encoding["offset_mapping"]]
 
 
-def tokenize_conversation(tokenizer, messages: list[dict], train_on_prompt: bool) -> tuple[list[int], list[int]]:
+def tokenize_conversation(tokenizer, messages: list[dict], train_on_prompt: bool,
+                          label_from: int = 0) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of a conversation; labels are IGNORE_INDEX outside assistant spans
-    unless ``train_on_prompt``."""
-    if train_on_prompt:
+    (of messages from index ``label_from`` on) unless ``train_on_prompt``."""
+    if train_on_prompt and label_from == 0:
         ids = tokenizer(render_chat(tokenizer, messages), add_special_tokens=False)["input_ids"]
         return list(ids), list(ids)
-    text, spans = assistant_char_spans(tokenizer, messages)
+    text, spans = assistant_char_spans(tokenizer, messages, label_from)
     ids, offsets = _token_offsets(tokenizer, text)
     labels = [token if any(lo <= start < hi for lo, hi in spans) else IGNORE_INDEX
               for token, (start, _end) in zip(ids, offsets)]

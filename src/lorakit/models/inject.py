@@ -12,8 +12,8 @@ from pathlib import Path
 
 from torch import nn
 
-from lorakit.adapters import method_for_config, method_for_peft_type
-from lorakit.models import peft_format
+from lorakit.adapters import method_for_config, method_for_directory
+from lorakit.errors import LorakitError
 from lorakit.models.lora_model import LoraModel
 
 
@@ -30,12 +30,15 @@ get_peft_model = get_lora_model
 
 def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "default",
                  is_trainable: bool = False):
-    """Wrap ``model`` with the adapter saved in ``directory`` (peft or lorakit layout); the
-    method is the one that reads its adapter_config.json's ``peft_type``."""
+    """Wrap ``model`` with what a method saved in ``directory`` (peft or lorakit layout): the
+    method is the one its adapter_config.json's ``peft_type`` names, else the one whose
+    ``saved_file`` it holds (``registry.method_for_directory``)."""
     if isinstance(model, LoraModel):
         model.load_adapter(directory, adapter_name, is_trainable)
         return model
-    method = method_for_peft_type(peft_format.read_adapter_config_dict(directory)["peft_type"])
+    if not Path(directory).is_dir():
+        raise LorakitError(f"adapter directory '{directory}' does not exist")
+    method = method_for_directory(directory)
     if method.load is not None:
         return method.load(model, directory, adapter_name, is_trainable)
     return LoraModel.from_pretrained(model, directory, adapter_name, is_trainable)

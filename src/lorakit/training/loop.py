@@ -61,6 +61,8 @@ class TrainResult:
     elapsed_s: float = 0.0                                  # time spent in training steps
     tokens_per_s: float = 0.0
     interrupted: bool = False
+    trainable_params: int = 0
+    total_params: int = 0
 
 
 # --- building blocks -------------------------------------------------------------------------
@@ -161,6 +163,7 @@ class _Run:
     metrics: MetricsLog
     result: TrainResult
     config_dict: dict           # recorded in checkpoints, compared on resume
+    tokenizer: Any = None       # saved with the output when the method publishes a whole model
     rng_after_step: dict | None = None
     window_loss: float = 0.0    # loss sum and targets since the last metrics row
     window_targets: int = 0
@@ -261,7 +264,9 @@ def _model_and_data(config: TrainingConfig, accelerator):
     set_seed(args.seed)
     # the data first, with the tokenizer alone: a bad row is reported before minutes of loading
     tokenizer = load_tokenizer(config.model)
-    train_samples, eval_samples, stats = build_datasets(data, tokenizer)
+    method = get_method(config.method)
+    context = method.eval_context(config.lora, data) if method.eval_context is not None else None
+    train_samples, eval_samples, stats = build_datasets(data, tokenizer, eval_context=context)
     _log(accelerator, str(stats))
     precision = resolve_precision(args.precision)
     if args.precision == "auto":
@@ -285,7 +290,7 @@ def _model_and_data(config: TrainingConfig, accelerator):
     message = compile_blocks(model.model, args.compile, accelerator.device.type)
     if args.compile is not False:
         _log(accelerator, message)
-    return model, plan, eval_batches, stats
+    return model, plan, eval_batches, stats, tokenizer
 
 
 def _setup(config: TrainingConfig) -> _Run:
@@ -298,7 +303,7 @@ def _setup(config: TrainingConfig) -> _Run:
     # Several CPU processes (torchrun / accelerate launch without GPUs) need cpu=True for gloo DDP.
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(cpu=multi_cpu)
-    model, plan, eval_batches, stats = _model_and_data(config, accelerator)
+    model, plan, eval_batches, stats, tokenizer = _model_and_data(config, accelerator)
     method = get_method(config.method)
     if method.report is not None:  # QLoRA: what the quantized base holds
         _log(accelerator, method.report(model))
@@ -311,7 +316,8 @@ def _setup(config: TrainingConfig) -> _Run:
     ddp_model, optimizer = accelerator.prepare(model, optimizer)
     return _Run(config=config, accelerator=accelerator, model=model, ddp_model=ddp_model, optimizer=optimizer,
                 scheduler=scheduler, plan=plan, eval_batches=eval_batches, stats=stats, metrics=MetricsLog(out),
-                result=TrainResult(output_dir=out, global_step=0), config_dict=config.to_dict())
+                result=TrainResult(output_dir=out, global_step=0, trainable_params=trainable, total_params=all_params),
+                config_dict=config.to_dict(), tokenizer=tokenizer)
 
 
 # --- one optimizer step, and what follows it -------------------------------------------------
@@ -395,6 +401,10 @@ def train(config: TrainingConfig, progress: bool = True) -> TrainResult:
     and loss.png into ``config.output_dir``; return the run's figures."""
     from tqdm import tqdm
 
+    if not get_method(config.method).trains:  # the prompt baseline: evaluated, nothing to train
+        from lorakit.training.untrained import evaluate_untrained
+
+        return evaluate_untrained(config)
     run = _setup(config)
     step = _start_or_resume(run)
     run.model.train()
@@ -441,6 +451,8 @@ def _finish(run: _Run, step: int) -> TrainResult:
         result.train_loss = sum(step_losses[-result.final_loss_window:]) / result.final_loss_window
     if accelerator.is_main_process:
         model.save_pretrained(out)
+        if get_method(config.method).output == "model":  # a complete transformers directory
+            run.tokenizer.save_pretrained(out)
         write_text_atomic(out / "training_config.yaml", config_to_yaml(config))
         trainable, total = model.get_nb_trainable_parameters()
         write_model_card(out, config, result, stats, trainable, total)

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lorakit._quantized import _bnb, dense_dtype, dense_linear, dense_weight, dequantize_weight, is_quantized  # noqa: F401 - re-exported
+from lorakit._quantized import _bnb, dense_dtype, dense_linear, dense_weight, dequantize_weight, is_quantized  # noqa: F401 - re-exported (qlora API)
 from lorakit._dtypes import resolve_dtype
 from lorakit._modules import replace_module, set_submodule
 from lorakit._quantized_embedding import QuantizedEmbedding
