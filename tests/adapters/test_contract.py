@@ -29,6 +29,7 @@ import lorakit
 from lorakit import LoraConfig, get_peft_model, load_adapter
 from lorakit.adapters import ADAPTER_METHODS, AdaptedModel, method_for_config, method_for_peft_type
 from lorakit.adapters.adalora import AdaLoraConfig
+from lorakit.adapters.bottleneck import BottleneckConfig
 from lorakit.adapters.dora import DORA
 from lorakit.adapters.lora import LoraLayer
 from lorakit.adapters.lora.variants import PLAIN
@@ -73,6 +74,10 @@ ROWS = {
     "qlora": Row("qlora", lambda t: QLoraConfig(r=4, target_modules=t, compute_dtype="float32"),
                  base=_quantized_tiny, variant=PLAIN, restores=False, peft_reads=False, atol=1e-4),
     "adalora": Row("adalora", lambda t: AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=t)),
+    # bottleneck adapters sit where their placement puts them (not on the row's LoRA targets);
+    # non-linear, so never merged; a lorakit-only file type that peft cannot read
+    "adapter": Row("adapter", lambda t: BottleneckConfig(reduction_factor=4), variant=None, merges=False,
+                   peft_reads=False),
 }
 CASES = [(row, arch) for row in ROWS for arch in ARCH_TARGETS]
 

@@ -6,6 +6,7 @@ Layer methods (``wrap`` None) put adapter layers into the base and are managed b
 
 from lorakit.adapters.adalora import (AdaLoraConfig, AdaLoraLayer, adalora_file_contents, adalora_set_total_steps,
                                       adalora_training_hooks, attach_adalora)
+from lorakit.adapters.bottleneck import BottleneckConfig, BottleneckLayer, attach_bottleneck
 from lorakit.adapters.contract import AdaptedModel, AdapterLayer, TrainingHooks
 from lorakit.adapters.lora import LoraConfig, LoraLayer, attach_lora, lora_file_contents
 from lorakit.adapters.qlora import QLoraConfig, attach_qlora, qlora_prepare_base, qlora_report
@@ -27,7 +28,11 @@ register_method(AdapterMethod(
     parameter_tables=("lora_A", "lora_B", "lora_E"), file_contents=adalora_file_contents,
     training_hooks=adalora_training_hooks, set_total_steps=adalora_set_total_steps, resumable=False,
     description="AdaLoRA: SVD-form LoRA whose rank budget is reallocated during training"))
+register_method(AdapterMethod(  # lorakit-only files (peft has no bottleneck adapters); never merged
+    "adapter", BottleneckConfig, wrap=None, peft_type="BOTTLENECK", attach=attach_bottleneck,
+    layer_types=(BottleneckLayer,), parameter_tables=("adapter_down", "adapter_up"),
+    description="bottleneck adapters (Houlsby / Pfeiffer): a small MLP after the sublayers' output projections"))
 
-__all__ = ["ADAPTER_METHODS", "AdaptedModel", "AdapterLayer", "AdapterMethod", "LoraConfig", "LoraLayer",
-           "TrainingHooks", "get_method", "method_for_config", "method_for_peft_type", "parameter_tables",
-           "register_method"]
+__all__ = ["ADAPTER_METHODS", "AdaptedModel", "AdapterLayer", "AdapterMethod", "BottleneckConfig", "BottleneckLayer",
+           "LoraConfig", "LoraLayer", "TrainingHooks", "get_method", "method_for_config", "method_for_peft_type",
+           "parameter_tables", "register_method"]
