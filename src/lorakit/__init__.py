@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "LoraConfig": "lorakit.adapters",
     "AdaLoraConfig": "lorakit.adapters.adalora",
+    "BottleneckConfig": "lorakit.adapters.bottleneck",
     "QLoraConfig": "lorakit.adapters.qlora",
     "LoraModel": "lorakit.models.lora_model",
     "LorakitError": "lorakit.errors",
@@ -22,8 +23,8 @@ _EXPORTS = {
     "load_model": "lorakit.models.load",
 }
 
-__all__ = ["AdaLoraConfig", "LoraConfig", "QLoraConfig", "LoraModel", "LorakitError", "get_lora_model", "get_peft_model",
-           "load_adapter", "load_model", "__version__"]
+__all__ = ["AdaLoraConfig", "BottleneckConfig", "LoraConfig", "QLoraConfig", "LoraModel", "LorakitError",
+           "get_lora_model", "get_peft_model", "load_adapter", "load_model", "__version__"]
 
 
 def __getattr__(name: str):

@@ -29,6 +29,7 @@ import lorakit
 from lorakit import LoraConfig, get_peft_model, load_adapter
 from lorakit.adapters import ADAPTER_METHODS, AdaptedModel, method_for_config, method_for_directory
 from lorakit.adapters.adalora import AdaLoraConfig
+from lorakit.adapters.bottleneck import BottleneckConfig
 from lorakit.adapters.dora import DORA
 from lorakit.adapters.full import FullConfig
 from lorakit.adapters.lora import LoraLayer
@@ -82,6 +83,10 @@ ROWS = {
     "full-part": Row("full", lambda t: FullConfig(trainable_modules=t), disabled_is_base=False, merges=False,
                      peft_reads=False),
     "prompt": Row("prompt", lambda t: PromptConfig(num_examples=0), merges=False, peft_reads=False, trains=False),
+    # bottleneck adapters sit where their placement puts them (not on the row's LoRA targets);
+    # non-linear, so never merged; a lorakit-only file type that peft cannot read
+    "adapter": Row("adapter", lambda t: BottleneckConfig(reduction_factor=4), variant=None, merges=False,
+                   peft_reads=False),
 }
 CASES = [(row, arch) for row in ROWS for arch in ARCH_TARGETS]
 

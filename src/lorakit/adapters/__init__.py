@@ -6,6 +6,7 @@ Layer methods (``wrap`` None) put adapter layers into the base and are managed b
 
 from lorakit.adapters.adalora import (AdaLoraConfig, AdaLoraLayer, adalora_file_contents, adalora_set_total_steps,
                                       adalora_training_hooks, attach_adalora)
+from lorakit.adapters.bottleneck import BottleneckConfig, BottleneckLayer, attach_bottleneck
 from lorakit.adapters.contract import AdaptedModel, AdapterLayer, TrainingHooks
 from lorakit.adapters.full import FullConfig, load_full, wrap_full
 from lorakit.adapters.lora import LoraConfig, LoraLayer, attach_lora, lora_file_contents
@@ -30,6 +31,10 @@ register_method(AdapterMethod(
     parameter_tables=("lora_A", "lora_B", "lora_E"), file_contents=adalora_file_contents,
     training_hooks=adalora_training_hooks, set_total_steps=adalora_set_total_steps, resumable=False,
     description="AdaLoRA: SVD-form LoRA whose rank budget is reallocated during training"))
+register_method(AdapterMethod(  # lorakit-only files (peft has no bottleneck adapters); never merged
+    "adapter", BottleneckConfig, wrap=None, peft_type="BOTTLENECK", attach=attach_bottleneck,
+    layer_types=(BottleneckLayer,), parameter_tables=("adapter_down", "adapter_up"),
+    description="bottleneck adapters (Houlsby / Pfeiffer): a small MLP after the sublayers' output projections"))
 register_method(AdapterMethod(
     "full", FullConfig, wrap=wrap_full, load=load_full, output="model", saved_file="config.json",
     description="full fine-tuning: the base model's own weights train (fp32)"))
@@ -38,6 +43,6 @@ register_method(AdapterMethod(
     saved_file="prompt_baseline.json", eval_context=prompt_eval_context,
     description="no training: k training examples in the prompt (few-shot)"))
 
-__all__ = ["ADAPTER_METHODS", "AdaptedModel", "AdapterLayer", "AdapterMethod", "LoraConfig", "LoraLayer",
-           "TrainingHooks", "get_method", "method_for_config", "method_for_directory", "method_for_peft_type", "parameter_tables",
-           "register_method"]
+__all__ = ["ADAPTER_METHODS", "AdaptedModel", "AdapterLayer", "AdapterMethod", "BottleneckConfig", "BottleneckLayer",
+           "LoraConfig", "LoraLayer", "TrainingHooks", "get_method", "method_for_config", "method_for_directory",
+           "method_for_peft_type", "parameter_tables", "register_method"]

@@ -22,11 +22,12 @@ def run(args) -> int:
         print(json.dumps(info, indent=2))
         return 0
     ranks = ", ".join(str(r) for r in info["ranks"])
+    alpha = f" (lora_alpha {info['lora_alpha']})" if info["lora_alpha"] is not None else ""  # none: not LoRA
     lines = [
         f"adapter:           {info['directory']}",
         f"method:            {info['method']} (peft_type {info['peft_type']})",
         f"base model:        {info['base_model']}",
-        f"rank(s):           {ranks} (lora_alpha {info['lora_alpha']})",
+        f"rank(s):           {ranks}{alpha}",
         f"targets:           {', '.join(info['targets'])} ({info['adapted_modules']} modules)",
         f"trainable params:  {info['trainable_params']:,}",
         f"size on disk:      {info['size_bytes'] / 2**20:.2f} MiB ({info['size_bytes']:,} bytes)",

@@ -12,7 +12,7 @@ def adapter_info(directory: str | Path) -> dict:
     "trainable_params", "size_bytes" (adapter_model.safetensors + adapter_config.json), "extra"} read from
     adapter_config.json and adapter_model.safetensors. Both go through the checks every loader runs
     (config types and ranges, readable and finite tensors), so info accepts exactly what loads."""
-    from lorakit.adapters import ADAPTER_METHODS
+    from lorakit.adapters import ADAPTER_METHODS, parameter_tables
     from lorakit.models.peft_format import (WEIGHTS_NAME, adapter_config_from_dict, read_adapter_config_dict,
                                             read_adapter_weights)
 
@@ -23,18 +23,22 @@ def adapter_info(directory: str | Path) -> dict:
     if not weights.is_file():
         raise LorakitError(f"'{directory}' has no {WEIGHTS_NAME}")
     shapes = {key: tuple(tensor.shape) for key, tensor in read_adapter_weights(directory).items()}
-    ranks, modules = set(), set()
+    ranks, modules, tables = set(), set(), parameter_tables()
     for key, shape in shapes.items():
-        if ".lora_A" in key and len(shape) == 2:
-            ranks.add(shape[0])
-            modules.add(key.split(".lora_A")[0])
+        parts = key.split(".")
+        table = next((i for i, part in enumerate(parts) if part in tables), None)
+        if table is not None:  # an adapted module: the path before its adapter table
+            modules.add(".".join(parts[:table]))
+        if (".lora_A" in key or ".adapter_down.weight" in key) and len(shape) == 2:
+            ranks.add(shape[0])  # LoRA's r; a bottleneck adapter's size m
     peft_type = config["peft_type"]
     methods = [m.name for m in ADAPTER_METHODS.values() if m.peft_type == peft_type]
     method = methods[0] if methods else peft_type.lower()
     if config.get("use_dora"):
         method = "dora" if "dora" in ADAPTER_METHODS else f"{method} (DoRA)"
     extra = {}
-    for key in ("use_rslora", "init_lora_weights", "lora_dropout", "modules_to_save", "target_r", "init_r"):
+    for key in ("use_rslora", "init_lora_weights", "lora_dropout", "modules_to_save", "target_r", "init_r",
+                "placement", "reduction_factor", "non_linearity", "adapter_dropout"):
         if config.get(key) not in (None, False, [], {}, True) or (key == "use_rslora" and config.get(key)):
             extra[key] = config[key]
     if config.get("rank_pattern"):
