@@ -77,20 +77,3 @@ def test_lorakit_train_adalora_prunes_to_budget_and_info_shows_it(tmp_path, smol
     theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), tmp_path / "out").eval()
     with torch.no_grad():
         torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=FP32_ATOL, rtol=0)
-
-
-def test_adalora_resume_is_refused_with_one_line(tmp_path, smol_tokenizer, capsys):
-    model_dir = _tiny_llama_dir(tmp_path / "model", smol_tokenizer)
-    config = {
-        "model": str(model_dir), "method": "adalora",
-        "lora": {"init_r": 4, "target_r": 2, "tinit": 1, "tfinal": 1, "target_modules": ["q_proj"]},
-        "data": {"train": _rows("support_train.jsonl", tmp_path / "train.jsonl", 8), "max_seq_len": 96},
-        "train": {"max_steps": 4, "batch_size": 4, "save_every": 2, "seed": 7},
-        "output_dir": str(tmp_path / "out"),
-    }
-    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
-    assert main(["train", str(tmp_path / "run.yaml"), "--no-progress"]) == 0
-    capsys.readouterr()
-    assert main(["train", str(tmp_path / "run.yaml"), "train.resume=true", "--no-progress"]) == 2
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "resume is not supported for method 'adalora'" in errors[0]

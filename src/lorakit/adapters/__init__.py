@@ -29,7 +29,7 @@ register_method(AdapterMethod(  # LoRA over a 4-bit base: the base is quantized 
 register_method(AdapterMethod(
     "adalora", AdaLoraConfig, wrap=None, peft_type="ADALORA", attach=attach_adalora, layer_types=(AdaLoraLayer,),
     parameter_tables=("lora_A", "lora_B", "lora_E"), file_contents=adalora_file_contents,
-    training_hooks=adalora_training_hooks, set_total_steps=adalora_set_total_steps, resumable=False,
+    training_hooks=adalora_training_hooks, set_total_steps=adalora_set_total_steps,
     description="AdaLoRA: SVD-form LoRA whose rank budget is reallocated during training"))
 register_method(AdapterMethod(  # lorakit-only files (peft has no bottleneck adapters); never merged
     "adapter", BottleneckConfig, wrap=None, peft_type="BOTTLENECK", attach=attach_bottleneck,

@@ -89,8 +89,13 @@ class AdapterLayer(Protocol):
 
 
 class TrainingHooks(Protocol):
-    """A method's additions to training for one trainable adapter."""
+    """A method's additions to training for one trainable adapter. ``state_dict`` holds what a
+    checkpoint needs to continue exactly (tensors, lists, numbers; loaded with weights_only)."""
 
     def extra_loss(self) -> torch.Tensor: ...
 
     def update_and_allocate(self, global_step: int) -> None: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...

@@ -28,6 +28,9 @@ from lorakit.models.modules_to_save import ModulesToSaveWrapper
 from lorakit.models.targets import find_target_modules
 
 
+HOOKS_STATE = "method_state.pt"  # a checkpoint's training-hook state (torch.save, read with weights_only)
+
+
 class LoraModel(nn.Module):
     """A causal LM whose selected layers carry adapters of a layer method (LoRA, QLoRA, AdaLoRA,
     any registered method with ``attach``); see module docstring. Implements
@@ -259,12 +262,23 @@ class LoraModel(nn.Module):
                                    f"its method declares (registry parameter_tables); freeze it or declare its table")
 
     def save_checkpoint_files(self, directory: Path) -> None:
-        """The active adapter as it is in memory (PiSSA's raw factors), for an exact resume."""
+        """The adapters as they are in memory (PiSSA's raw factors, AdaLoRA at init_r), plus the
+        training hooks' state (AdaLoRA's importance averages and masks), for an exact resume."""
         self.save_pretrained(directory, convert_pissa_to_lora=False)
+        hooks = self._training_hooks.get(self.active_adapter)
+        if hooks is not None:
+            torch.save(hooks.state_dict(), Path(directory) / HOOKS_STATE)
 
     def load_checkpoint_files(self, directory: Path) -> None:
         peft_format.copy_into_model(self.adapter_state_dict(), peft_format.read_adapter_weights(directory),
                                     str(directory))
+        hooks = self._training_hooks.get(self.active_adapter)
+        if hooks is not None:
+            path = Path(directory) / HOOKS_STATE
+            if not path.is_file():
+                raise LorakitError(f"checkpoint '{directory}' has no {HOOKS_STATE} (the method's training state); "
+                                   f"it is incomplete or from an older lorakit")
+            hooks.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
     def load_adapter(self, directory: str | Path, adapter_name: str = "default",
                      is_trainable: bool = False) -> None:

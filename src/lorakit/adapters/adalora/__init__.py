@@ -42,9 +42,12 @@ def adalora_set_total_steps(config: AdaLoraConfig, total_steps: int) -> None:
 
 
 def adalora_file_contents(model, adapter_name: str, config: AdaLoraConfig, publish: bool) -> tuple[dict, dict]:
-    """Only the triplets rank_pattern kept, as peft saves them (also in checkpoints: the pruned
-    triplets are zero and a loaded adapter is built at the kept rank)."""
-    tensors = prune_tensors_by_rank_pattern(model.adapter_state_dict(adapter_name), config.rank_pattern)
+    """Published: only the triplets rank_pattern kept, as peft saves them (a loaded adapter is
+    built at the kept rank). Checkpoints (publish False) keep the training shapes (init_r, pruned
+    triplets zero), which the optimizer state and a resume need."""
+    tensors = model.adapter_state_dict(adapter_name)
+    if publish:
+        tensors = prune_tensors_by_rank_pattern(tensors, config.rank_pattern)
     return config.to_dict(), tensors
 
 

@@ -113,6 +113,22 @@ class RankAllocator:
         elif self.config.rank_pattern is not None:
             self.apply_rank_pattern(self.config.rank_pattern)
 
+    # --- checkpoints: what an exact resume needs --------------------------------------------
+    def state_dict(self) -> dict:
+        """The smoothed importance (Ī, Ū per parameter) and the current rank_pattern."""
+        def flat(table):
+            return {f"{module}|{kind}": t.detach().clone() for (module, kind), t in table.items()}
+
+        return {"sensitivity": flat(self.sensitivity), "uncertainty": flat(self.uncertainty),
+                "rank_pattern": self.config.rank_pattern}
+
+    def load_state_dict(self, state: dict) -> None:
+        def nested(table):
+            return {tuple(key.split("|", 1)): t for key, t in table.items()}
+
+        self.sensitivity, self.uncertainty = nested(state["sensitivity"]), nested(state["uncertainty"])
+        self.config.rank_pattern = state["rank_pattern"]
+
     # --- the steps ---------------------------------------------------------------------
     def budget(self, step: int) -> tuple[int, bool]:
         c = self.config
