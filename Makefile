@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lorakit-installed
 
-.PHONY: setup test test-fast demo bench clean
+.PHONY: setup test test-fast test-long demo bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -19,10 +19,14 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -m "not long"
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not long"
+
+# Long proofs (thousands of fuzz cases, kill -9 at many points, load tests): minutes to tens of minutes.
+test-long: setup
+	$(PY) -m pytest -q -p no:cacheprovider -m long
 
 demo: setup
 	$(PY) examples/quickstart.py
