@@ -23,3 +23,11 @@ def smol_tokenizer(builtin_model_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(builtin_model_dir)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print what the long-proof tests counted (kills, generated cases, requests)."""
+    from counters import COUNTS
+
+    if COUNTS:
+        terminalreporter.write_line("counts: " + ", ".join(f"{k} {v}" for k, v in sorted(COUNTS.items())))

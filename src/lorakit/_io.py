@@ -13,6 +13,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from lorakit._faults import fault_point
 from lorakit.errors import LorakitError
 
 
@@ -34,6 +35,7 @@ def atomic_path(target: str | os.PathLike):
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual file mode
+        fault_point("atomic-write")
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -60,6 +62,7 @@ def atomic_directory(target: str | os.PathLike):
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
+        fault_point("atomic-dir")
         old = None
         if os.path.lexists(target):
             old = target.with_name(f".{target.name}.old.{os.getpid()}")

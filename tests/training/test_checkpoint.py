@@ -79,3 +79,29 @@ def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
     (root / "step-000009").mkdir()
     assert ckpt.latest_checkpoint(tmp_path).name == "step-000002"
     assert json.loads((root / "step-000002" / "trainer_state.json").read_text())["global_step"] == 2
+
+
+def test_a_half_written_metrics_line_is_not_a_row_and_resume_drops_it(tmp_path):
+    """A run killed inside MetricsLog.append leaves half a line; reading skips it (it used to
+    raise JSONDecodeError on resume) and truncate_after rewrites only complete rows."""
+    from lorakit.training.metrics import MetricsLog
+
+    log = MetricsLog(tmp_path)
+    log.append({"step": 1, "loss": 2.0})
+    with open(log.path, "a") as handle:
+        handle.write('{"step": 2, "lo')
+    assert log.rows() == [{"step": 1, "loss": 2.0}]
+    log.truncate_after(1)
+    log.append({"step": 2, "loss": 1.5})
+    assert log.rows() == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+
+
+def test_partial_writes_of_a_killed_run_are_removed(tmp_path):
+    from lorakit.training.checkpoint import remove_partial_writes
+
+    (tmp_path / "checkpoints" / ".step-000004.abc.tmp").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step-000002").mkdir()
+    (tmp_path / ".adapter_model.safetensors.xyz.tmp").write_bytes(b"half")
+    removed = remove_partial_writes(tmp_path)
+    assert len(removed) == 2 and (tmp_path / "checkpoints" / "step-000002").is_dir()
+    assert not list(tmp_path.rglob("*.tmp"))

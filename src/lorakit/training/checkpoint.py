@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,20 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     found = [(int(m.group(1)), p) for p in root.iterdir()
              if (m := _STEP_DIR.match(p.name)) and (p / STATE_NAME).is_file()]
     return max(found)[1] if found else None
+
+
+def remove_partial_writes(output_dir: str | Path) -> list[Path]:
+    """Delete what a killed run left half-written: temporary checkpoint directories and temporary
+    files (``.<name>.*.tmp``, never renamed into place, so never read). Returns what was removed."""
+    out = Path(output_dir)
+    found = list(out.glob(".*.tmp")) + list((out / CHECKPOINTS).glob(".*.tmp")) + \
+        list((out / CHECKPOINTS).glob(".step-*.old.*"))
+    for path in found:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return found
 
 
 # --- RNG -----------------------------------------------------------------------------------

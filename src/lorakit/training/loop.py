@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from lorakit._faults import fault_point
 from lorakit.adapters import get_method
 from lorakit.config import TrainingConfig, config_to_yaml
 from lorakit.errors import LorakitError
@@ -187,6 +188,7 @@ def _forward_backward(model, micro_batches: list[dict], step_targets: int, accel
             part, _ = batch_loss_sum(model, batch, accelerator.device)  # sum of token losses
             # DDP averages gradients over processes, hence × num_processes.
             accelerator.backward(part * (accelerator.num_processes / step_targets))
+        fault_point("step")
         loss_sum += float(part.detach())
         tokens += count_tokens(batch)
     return loss_sum, tokens
@@ -209,6 +211,8 @@ def _start_or_resume(run: _Run) -> int:
     """Restore the checkpoint ``train.resume`` names (returns its step), or start a fresh log
     with an evaluation of the untrained adapter (= the base model) and return 0."""
     config, accelerator, out = run.config, run.accelerator, Path(run.config.output_dir)
+    if run.main and ckpt.remove_partial_writes(out):
+        _log(accelerator, f"removed half-written files of an interrupted run in {out}")
     resume_from = _resume_dir(config.train.resume, out, accelerator)
     if resume_from is not None and not get_method(config.method).resumable:
         # AdaLoRA's allocator state (importance averages, masks) is not in checkpoints yet
@@ -334,6 +338,7 @@ def _optimizer_step(run: _Run, step: int) -> dict:
     lr = run.scheduler.get_last_lr()[0]
     with _defer_sigint():
         run.optimizer.step()
+        fault_point("optimizer")
         run.scheduler.step()
         run.model.after_optimizer_step(step + 1)  # the method's hook (AdaLoRA reallocates rank)
         run.optimizer.zero_grad(set_to_none=True)
@@ -451,6 +456,7 @@ def _finish(run: _Run, step: int) -> TrainResult:
         result.train_loss = sum(step_losses[-result.final_loss_window:]) / result.final_loss_window
     if accelerator.is_main_process:
         model.save_pretrained(out)
+        fault_point("final")
         if get_method(config.method).output == "model":  # a complete transformers directory
             run.tokenizer.save_pretrained(out)
         write_text_atomic(out / "training_config.yaml", config_to_yaml(config))
