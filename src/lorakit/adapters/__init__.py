@@ -1,13 +1,14 @@
 """Training methods, registered by name with their declared hooks (see registry.py).
 
 Layer methods (``wrap`` None) put adapter layers into the base and are managed by
-``lorakit.models.LoraModel``; the others bring their own ``AdaptedModel`` wrapper.
+``lorakit.models.LoraModel``; the others bring their own ``AdaptedModel`` wrapper (prefix tuning).
 """
 
 from lorakit.adapters.adalora import (AdaLoraConfig, AdaLoraLayer, adalora_file_contents, adalora_set_total_steps,
                                       adalora_training_hooks, attach_adalora)
 from lorakit.adapters.contract import AdaptedModel, AdapterLayer, TrainingHooks
 from lorakit.adapters.lora import LoraConfig, LoraLayer, attach_lora, lora_file_contents
+from lorakit.adapters.prefix import PrefixTuningConfig, load_prefix, wrap_prefix
 from lorakit.adapters.qlora import QLoraConfig, attach_qlora, qlora_prepare_base, qlora_report
 from lorakit.adapters.registry import (ADAPTER_METHODS, AdapterMethod, get_method, method_for_config,
                                        method_for_peft_type, parameter_tables, register_method)
@@ -27,7 +28,10 @@ register_method(AdapterMethod(
     parameter_tables=("lora_A", "lora_B", "lora_E"), file_contents=adalora_file_contents,
     training_hooks=adalora_training_hooks, set_total_steps=adalora_set_total_steps, resumable=False,
     description="AdaLoRA: SVD-form LoRA whose rank budget is reallocated during training"))
+register_method(AdapterMethod(
+    "prefix", PrefixTuningConfig, wrap=wrap_prefix, load=load_prefix, peft_type="PREFIX_TUNING",
+    description="prefix tuning: trained key/value vectors before every sequence in every attention layer"))
 
 __all__ = ["ADAPTER_METHODS", "AdaptedModel", "AdapterLayer", "AdapterMethod", "LoraConfig", "LoraLayer",
-           "TrainingHooks", "get_method", "method_for_config", "method_for_peft_type", "parameter_tables",
-           "register_method"]
+           "PrefixTuningConfig", "TrainingHooks", "get_method", "method_for_config", "method_for_peft_type",
+           "parameter_tables", "register_method"]
