@@ -2,11 +2,11 @@
 
 One row per method and per variant, each with its own config (the qlora row on a really
 quantized base). Every row passes the same checks, through the ``AdaptedModel`` protocol only:
-the registry resolves the config to the row's method; the initial adaptation equals the base;
-disabling it gives the base; one training step changes only the parameters the method declares
-trainable (and all of them get a gradient); merging (where the method merges) keeps the
-outputs and unmerging restores the weights; save -> load gives the same logits, and peft
-loads the files where peft has the method.
+the registry resolves the config to the row's method; the initial adaptation equals the base
+(where the method starts as the identity: not prefix tuning); disabling it gives the base; one
+training step changes only the parameters the method declares trainable (and all of them get
+a gradient); merging (where the method merges) keeps the outputs and unmerging restores the
+weights; save -> load gives the same logits, and peft loads the files where peft has the method.
 
 Adding a method = one row in ROWS. A registered method without a row fails
 ``test_every_registered_method_has_a_row``.
@@ -35,6 +35,7 @@ from lorakit.adapters.full import FullConfig
 from lorakit.adapters.lora import LoraLayer
 from lorakit.adapters.lora.variants import PLAIN
 from lorakit.adapters.prompt import PromptConfig
+from lorakit.adapters.prefix import PrefixTuningConfig
 from lorakit.adapters.qlora import QLoraConfig, is_quantized, quantize_base
 from lorakit.errors import LorakitError
 
@@ -46,6 +47,8 @@ class Row:
     """method: the registry name the config must resolve to. config(targets) -> the row's config.
     base(arch) -> the model the adaptation starts from and must equal when disabled (a quantized
     base for qlora). variant: the LoRA layer strategy each adapter must hold (None: not LoRA).
+    identity_init: the untrained adaptation computes the base (LoRA's B = 0); False for prefix
+    tuning, whose random initial prefix already changes the attention.
     disabled_is_base: False for PiSSA, whose frozen weight is the residual once initialised.
     merges / restores: merge keeps the outputs / unmerge restores the weights bit-near.
     peft_reads: peft loads the saved files with the same logits. atol: the row's tolerance.
@@ -55,6 +58,7 @@ class Row:
     config: Callable[[list[str]], object]
     base: Callable[[str], torch.nn.Module] = tiny_model
     variant: object = None
+    identity_init: bool = True
     disabled_is_base: bool = True
     merges: bool = True
     restores: bool = True
@@ -87,6 +91,10 @@ ROWS = {
     # non-linear, so never merged; a lorakit-only file type that peft cannot read
     "adapter": Row("adapter", lambda t: BottleneckConfig(reduction_factor=4), variant=None, merges=False,
                    peft_reads=False),
+    # no target modules: every attention layer gets the prefix; nothing to merge
+    "prefix": Row("prefix", lambda t: PrefixTuningConfig(num_virtual_tokens=4), identity_init=False, merges=False),
+    "prefix_projection": Row("prefix", lambda t: PrefixTuningConfig(num_virtual_tokens=4, prefix_projection=True),
+                             identity_init=False, merges=False),
 }
 CASES = [(row, arch) for row in ROWS for arch in ARCH_TARGETS]
 
@@ -148,6 +156,8 @@ def test_layers_hold_the_rows_variant(row, arch):
 
 @pytest.mark.parametrize("row,arch", CASES)
 def test_initial_adaptation_equals_base(row, arch):
+    if not ROWS[row].identity_init:
+        pytest.skip("the method's initial adaptation is not the identity (a random prefix changes the attention)")
     ids = sample_input_ids()
     model = _adapted(row, arch, trained=False)
     torch.testing.assert_close(_logits(model, ids), _logits(ROWS[row].base(arch), ids), atol=ROWS[row].atol, rtol=0)
@@ -233,6 +243,7 @@ def test_imports_flow_one_way():
     offenders = [str(p.relative_to(root)) for p in (root / "adapters").rglob("*.py") if upward.search(p.read_text())]
     assert offenders == []
     leaf_imports = re.compile(r"^\s*(?:from|import) (lorakit[.\w]*)", re.M)
-    allowed = {"lorakit.errors", "lorakit._quantized_embedding"}
-    for leaf in ("_modules.py", "_dtypes.py", "_file_keys.py", "_quantized.py", "_quantized_embedding.py"):
+    allowed = {"lorakit.errors", "lorakit._io", "lorakit._faults", "lorakit._quantized_embedding"}
+    for leaf in ("_modules.py", "_dtypes.py", "_file_keys.py", "_quantized.py", "_quantized_embedding.py",
+                 "_adapter_files.py", "_io.py"):
         assert set(leaf_imports.findall((root / leaf).read_text())) <= allowed, leaf

@@ -1,7 +1,7 @@
 """Training methods, registered by name with their declared hooks (see registry.py).
 
 Layer methods (``wrap`` None) put adapter layers into the base and are managed by
-``lorakit.models.LoraModel``; the others bring their own ``AdaptedModel`` wrapper.
+``lorakit.models.LoraModel``; the others bring their own ``AdaptedModel`` wrapper (prefix tuning).
 """
 
 from lorakit.adapters.adalora import (AdaLoraConfig, AdaLoraLayer, adalora_file_contents, adalora_set_total_steps,
@@ -11,6 +11,7 @@ from lorakit.adapters.contract import AdaptedModel, AdapterLayer, TrainingHooks
 from lorakit.adapters.full import FullConfig, load_full, wrap_full
 from lorakit.adapters.lora import LoraConfig, LoraLayer, attach_lora, lora_file_contents
 from lorakit.adapters.prompt import PromptConfig, load_prompt, prompt_eval_context, wrap_prompt
+from lorakit.adapters.prefix import PrefixTuningConfig, load_prefix, wrap_prefix
 from lorakit.adapters.qlora import QLoraConfig, attach_qlora, qlora_prepare_base, qlora_report
 from lorakit.adapters.registry import (ADAPTER_METHODS, AdapterMethod, get_method, method_for_config,
                                        method_for_directory, method_for_peft_type, parameter_tables,
@@ -43,6 +44,10 @@ register_method(AdapterMethod(
     saved_file="prompt_baseline.json", eval_context=prompt_eval_context,
     description="no training: k training examples in the prompt (few-shot)"))
 
+register_method(AdapterMethod(
+    "prefix", PrefixTuningConfig, wrap=wrap_prefix, load=load_prefix, peft_type="PREFIX_TUNING",
+    description="prefix tuning: trained key/value vectors before every sequence in every attention layer"))
+
 __all__ = ["ADAPTER_METHODS", "AdaptedModel", "AdapterLayer", "AdapterMethod", "BottleneckConfig", "BottleneckLayer",
-           "LoraConfig", "LoraLayer", "TrainingHooks", "get_method", "method_for_config", "method_for_directory",
-           "method_for_peft_type", "parameter_tables", "register_method"]
+           "FullConfig", "LoraConfig", "LoraLayer", "PrefixTuningConfig", "PromptConfig", "TrainingHooks", "get_method",
+           "method_for_config", "method_for_directory", "method_for_peft_type", "parameter_tables", "register_method"]
