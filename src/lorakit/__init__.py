@@ -15,6 +15,9 @@ _EXPORTS = {
     "AdaLoraConfig": "lorakit.adapters.adalora",
     "BottleneckConfig": "lorakit.adapters.bottleneck",
     "QLoraConfig": "lorakit.adapters.qlora",
+    "PrefixTuningConfig": "lorakit.adapters.prefix",
+    "FullConfig": "lorakit.adapters.full",
+    "PromptConfig": "lorakit.adapters.prompt",
     "LoraModel": "lorakit.models.lora_model",
     "LorakitError": "lorakit.errors",
     "get_lora_model": "lorakit.models.inject",
@@ -23,7 +26,8 @@ _EXPORTS = {
     "load_model": "lorakit.models.load",
 }
 
-__all__ = ["AdaLoraConfig", "BottleneckConfig", "LoraConfig", "QLoraConfig", "LoraModel", "LorakitError",
+__all__ = ["AdaLoraConfig", "BottleneckConfig", "FullConfig", "LoraConfig", "PrefixTuningConfig", "PromptConfig",
+           "QLoraConfig", "LoraModel", "LorakitError",
            "get_lora_model", "get_peft_model", "load_adapter", "load_model", "__version__"]
 
 

@@ -21,14 +21,14 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    ranks = ", ".join(str(r) for r in info["ranks"])
+    ranks = ", ".join(str(r) for r in info["ranks"]) or "n/a (not a low-rank method)"
     alpha = f" (lora_alpha {info['lora_alpha']})" if info["lora_alpha"] is not None else ""  # none: not LoRA
     lines = [
         f"adapter:           {info['directory']}",
         f"method:            {info['method']} (peft_type {info['peft_type']})",
         f"base model:        {info['base_model']}",
         f"rank(s):           {ranks}{alpha}",
-        f"targets:           {', '.join(info['targets'])} ({info['adapted_modules']} modules)",
+        f"targets:           {', '.join(info['targets']) or 'n/a'} ({info['adapted_modules']} modules)",
         f"trainable params:  {info['trainable_params']:,}",
         f"size on disk:      {info['size_bytes'] / 2**20:.2f} MiB ({info['size_bytes']:,} bytes)",
     ]

@@ -21,12 +21,13 @@ _LORA_KEYS = ("r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modu
 @dataclass(frozen=True)
 class Entry:
     """name: the report's row. method: the registry name. section: the method's config section.
-    train: overrides of the train section (e.g. the lr)."""
+    train / data: overrides of those sections (e.g. the lr)."""
 
     name: str
     method: str
     section: dict
     train: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)
 
 
 def _lora_settings(config_dict: dict) -> dict:
@@ -44,6 +45,7 @@ def entries_for(config_dict: dict, names: list[str]) -> list[Entry]:
 
     lora = _lora_settings(config_dict)
     lr = (config_dict.get("train") or {}).get("lr", 2e-4)
+    max_len = (config_dict.get("data") or {}).get("max_seq_len", 1024)
     r = lora["r"]
     adalora = {k: v for k, v in lora.items() if k not in ("r", "use_rslora", "modules_to_save")}
     table = {
@@ -56,7 +58,8 @@ def entries_for(config_dict: dict, names: list[str]) -> list[Entry]:
         "full": Entry("full", "full", {}, {"lr": 2e-5, "loraplus_lr_ratio": None}),
         "prefix": Entry("prefix", "prefix", {"num_virtual_tokens": 20}, {"lr": max(lr, 1e-2), "loraplus_lr_ratio": None}),
         "adapter": Entry("adapter", "adapter", {"reduction_factor": 16}, {"loraplus_lr_ratio": None}),
-        "prompt": Entry("prompt", "prompt", {"num_examples": 3}),
+        # evaluation only: room for the 3 examples before each conversation costs no training
+        "prompt": Entry("prompt", "prompt", {"num_examples": 3}, data={"max_seq_len": max(1024, max_len)}),
     }
     unknown = [n for n in names if n not in table]
     if unknown:
@@ -69,4 +72,5 @@ def entry_config(config_dict: dict, entry: Entry, output_dir: str) -> dict:
     train = dict(config_dict.get("train") or {}, **entry.train)
     train["resume"] = False
     train["save_every"] = 0
-    return dict(config_dict, method=entry.method, lora=entry.section, train=train, output_dir=output_dir)
+    data = dict(config_dict.get("data") or {}, **entry.data)
+    return dict(config_dict, method=entry.method, lora=entry.section, data=data, train=train, output_dir=output_dir)

@@ -38,7 +38,8 @@ def adapter_info(directory: str | Path) -> dict:
         method = "dora" if "dora" in ADAPTER_METHODS else f"{method} (DoRA)"
     extra = {}
     for key in ("use_rslora", "init_lora_weights", "lora_dropout", "modules_to_save", "target_r", "init_r",
-                "placement", "reduction_factor", "non_linearity", "adapter_dropout"):
+                "placement", "reduction_factor", "non_linearity", "adapter_dropout", "num_virtual_tokens",
+                "prefix_projection"):
         if config.get(key) not in (None, False, [], {}, True) or (key == "use_rslora" and config.get(key)):
             extra[key] = config[key]
     if config.get("rank_pattern"):
@@ -49,9 +50,10 @@ def adapter_info(directory: str | Path) -> dict:
         "method": method,
         "peft_type": peft_type,
         "base_model": config.get("base_model_name_or_path"),
-        "ranks": sorted(ranks) or [config.get("r")],
+        "ranks": sorted(ranks) or ([config["r"]] if config.get("r") is not None else []),
         "lora_alpha": config.get("lora_alpha"),
-        "targets": sorted({m.rsplit(".", 1)[-1] for m in modules}) or [str(config.get("target_modules"))],
+        "targets": sorted({m.rsplit(".", 1)[-1] for m in modules}) or
+                   ([str(config["target_modules"])] if config.get("target_modules") is not None else []),
         "adapted_modules": len(modules),
         "trainable_params": sum(_numel(shape) for shape in shapes.values()),
         "size_bytes": size,

@@ -21,6 +21,8 @@ from torch import nn
 
 from lorakit._dataclass_config import peft_config_kwargs, strict_config
 from lorakit._io import write_json_atomic
+from lorakit.data.formats import detect_format, row_to_example
+from lorakit.data.readers import BadRow, read_rows
 from lorakit.errors import LorakitError
 
 FILE_NAME = "prompt_baseline.json"
@@ -57,9 +59,6 @@ def few_shot_turns(shots: list[list[dict]]) -> list[dict]:
 
 def choose_shots(train_path: str, data_format: str, k: int, seed: int) -> list[list[dict]]:
     """k conversations of the training file, chosen with ``seed`` (bad rows are never chosen)."""
-    from lorakit.data.formats import detect_format, row_to_example
-    from lorakit.data.readers import BadRow, read_rows
-
     conversations, fmt = [], None if data_format == "auto" else data_format
     for where, row in read_rows(train_path):
         if isinstance(row, BadRow):
