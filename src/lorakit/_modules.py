@@ -34,3 +34,28 @@ def pattern_value(patterns: dict, module_name: str, default):
         if re.match(rf"(.*\.)?({key})$", module_name):
             return value
     return default
+
+
+def inner_model_getattr(self, name: str):
+    """``__getattr__`` of the adapted-model wrappers: their own attributes, else the wrapped
+    transformers model's (``config``, ``device``, ...), as peft's models fall through."""
+    try:
+        return nn.Module.__getattr__(self, name)
+    except AttributeError:
+        if name == "model":
+            raise
+        return getattr(self.model, name)
+
+
+def parameter_counts(module: nn.Module) -> tuple[int, int]:
+    """(trainable, all) parameter counts, peft's ``get_nb_trainable_parameters``."""
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in module.parameters())
+
+
+def trainable_parameters_line(module: nn.Module) -> str:
+    """peft's ``print_trainable_parameters`` line (printed and returned)."""
+    trainable, total = parameter_counts(module)
+    line = f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}"
+    print(line)
+    return line

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorakit._modules import set_submodule
+from lorakit._modules import inner_model_getattr, parameter_counts, set_submodule, trainable_parameters_line
 from lorakit.adapters import method_for_config
 from lorakit.adapters.registry import all_layer_types
 from lorakit.errors import LorakitError
@@ -48,13 +48,7 @@ class LoraModel(nn.Module):
         self.add_adapter(adapter_name, config)
 
     # --- attribute fall-through and forward ---------------------------------------------
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "model":
-                raise
-            return getattr(self.model, name)
+    __getattr__ = inner_model_getattr  # attributes fall through to the transformers model
 
     def forward(self, *args, **kwargs):
         outputs = self.model(*args, **kwargs)
@@ -212,15 +206,10 @@ class LoraModel(nn.Module):
 
     # --- parameters -------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.model.parameters())
-        return trainable, total
+        return parameter_counts(self.model)
 
     def print_trainable_parameters(self) -> str:
-        trainable, total = self.get_nb_trainable_parameters()
-        line = f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
-        print(line)
-        return line
+        return trainable_parameters_line(self.model)
 
     # --- files ------------------------------------------------------------------------
     def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lorakit._modules import name_matches
+from lorakit._modules import inner_model_getattr, name_matches, parameter_counts, trainable_parameters_line
 from lorakit.adapters.full.config import FullConfig
 from lorakit.errors import LorakitError
 
@@ -44,13 +44,7 @@ class FullModel(nn.Module):
         for name, param in model.named_parameters():
             param.requires_grad_(name in selected and not config.inference_mode)
 
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "model":
-                raise
-            return getattr(self.model, name)
+    __getattr__ = inner_model_getattr  # attributes fall through to the transformers model
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
@@ -63,14 +57,10 @@ class FullModel(nn.Module):
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        return trainable, sum(p.numel() for p in self.model.parameters())
+        return parameter_counts(self.model)
 
     def print_trainable_parameters(self) -> str:
-        trainable, total = self.get_nb_trainable_parameters()
-        line = f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
-        print(line)
-        return line
+        return trainable_parameters_line(self.model)
 
     def after_optimizer_step(self, global_step: int) -> None:
         pass

@@ -28,6 +28,7 @@ from lorakit._adapter_files import (CONFIG_NAME, WEIGHTS_NAME, copy_into_model, 
                                     read_adapter_weights, read_tensors, write_adapter_files, write_tensors)
 from lorakit.adapters.prefix.config import PrefixTuningConfig
 from lorakit.adapters.prefix.encoder import PrefixEncoder, packed_prefix_mask, prefix_cache
+from lorakit._modules import inner_model_getattr, parameter_counts, trainable_parameters_line
 from lorakit.errors import LorakitError
 
 FILE_KEY = "prompt_embeddings"  # peft's one tensor for prefix tuning: the flat prefix E
@@ -62,13 +63,7 @@ class PrefixModel(nn.Module):
         self.active_adapter = adapter_name
         self._disabled = False
 
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "model":
-                raise
-            return getattr(self.model, name)
+    __getattr__ = inner_model_getattr  # attributes fall through to the transformers model
 
     @property
     def _config(self) -> PrefixTuningConfig:
@@ -175,14 +170,10 @@ class PrefixModel(nn.Module):
 
     # --- parameters -------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        return trainable, sum(p.numel() for p in self.parameters())
+        return parameter_counts(self)
 
     def print_trainable_parameters(self) -> str:
-        trainable, total = self.get_nb_trainable_parameters()
-        line = f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
-        print(line)
-        return line
+        return trainable_parameters_line(self)
 
     def trainable_tensors(self) -> dict[str, torch.Tensor]:
         """The encoder's live parameters: {"prompt_embeddings": E} (peft's file key) for a flat

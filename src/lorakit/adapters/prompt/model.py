@@ -21,6 +21,7 @@ from torch import nn
 
 from lorakit._dataclass_config import peft_config_kwargs, strict_config
 from lorakit._io import write_json_atomic
+from lorakit._modules import inner_model_getattr
 from lorakit.data.formats import detect_format, row_to_example
 from lorakit.data.readers import BadRow, read_rows
 from lorakit.errors import LorakitError
@@ -96,13 +97,7 @@ class PromptModel(nn.Module):
         self.context = list(context or [])
         model.requires_grad_(False)
 
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "model":
-                raise
-            return getattr(self.model, name)
+    __getattr__ = inner_model_getattr  # attributes fall through to the transformers model
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
