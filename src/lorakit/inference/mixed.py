@@ -27,6 +27,8 @@ from typing import Sequence
 
 import torch
 
+from lorakit.adapters.lora import LoraLayer
+from lorakit.adapters.lora.variants import PLAIN
 from lorakit.errors import LorakitError
 
 BASE_SLOT = 0
@@ -53,9 +55,9 @@ def check_mixable(lora_model, names: Sequence[str]) -> None:
         for name in names:
             if name in layer.merged_adapters:
                 raise LorakitError(f"adapter '{name}' is merged into {module_name}; unmerge it before a mixed batch")
-            if name in getattr(layer, "lora_magnitude_vector", {}):
-                raise LorakitError(f"adapter '{name}' has a DoRA magnitude vector in {module_name}; mixed-adapter "
-                                   f"batches support plain LoRA only")
+            if layer.has_adapter(name) and not (isinstance(layer, LoraLayer) and layer.variants[name] is PLAIN):
+                raise LorakitError(f"adapter '{name}' is not a plain LoRA adapter in {module_name} (DoRA or another "
+                                   f"variant); mixed-adapter batches support plain LoRA only")
 
 
 class AdapterStacks:

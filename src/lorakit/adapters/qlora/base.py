@@ -39,6 +39,7 @@ from lorakit._quantized import _bnb, dense_dtype, dense_linear, dense_weight, de
 from lorakit._dtypes import resolve_dtype
 from lorakit._modules import replace_module, set_submodule
 from lorakit._quantized_embedding import QuantizedEmbedding
+from lorakit.adapters.contract import AdapterLayer
 from lorakit.errors import LorakitError
 
 QUANT_CHOICES = ("nf4", "fp4", "int8")
@@ -173,7 +174,7 @@ def quantize_base(model: nn.Module, quantization: str = "nf4", compute_dtype="au
     if quantize_embeddings:
         quantize_embedding_and_head(model, quantization, compute_dtype, double_quant, strict)
     for _, module in model.named_modules():  # a LoraLayer over a Conv1D now wraps a Linear
-        if hasattr(module, "fan_in_fan_out") and hasattr(module, "base_layer") and is_quantized(module.base_layer):
+        if isinstance(module, AdapterLayer) and is_quantized(module.base_layer):
             module.fan_in_fan_out = False
     return model
 
