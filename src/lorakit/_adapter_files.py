@@ -75,25 +75,26 @@ def read_adapter_config_dict(directory: str | Path) -> dict:
     return data
 
 
-def read_adapter_weights(directory: str | Path) -> dict[str, torch.Tensor]:
+def read_adapter_weights(directory: str | Path, finite: bool = True) -> dict[str, torch.Tensor]:
     """Tensors from adapter_model.safetensors (or a legacy .bin, loaded with weights_only),
-    all finite (``check_finite``)."""
+    all finite (``check_finite``; ``finite=False`` leaves that to the caller)."""
     directory = Path(directory)
     path = directory / WEIGHTS_NAME
     if path.is_file():
-        return read_tensors(path)
+        return read_tensors(path, finite)
     legacy = directory / LEGACY_WEIGHTS_NAME
     if legacy.is_file():
         try:
             weights = torch.load(legacy, map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises several types for bad pickles
             raise LorakitError(f"{legacy}: cannot be read safely ({type(err).__name__}: {err})".splitlines()[0]) from None
-        return check_finite(weights, str(legacy))
+        return check_finite(weights, str(legacy)) if finite else weights
     raise LorakitError(f"'{directory}' has no {WEIGHTS_NAME}")
 
 
-def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of one safetensors file, all finite; a missing or corrupt file is a one-line error."""
+def read_tensors(path: str | Path, finite: bool = True) -> dict[str, torch.Tensor]:
+    """Tensors of one safetensors file, all finite (unless ``finite=False``); a missing or
+    corrupt file is a one-line error."""
     path = Path(path)
     if not path.is_file():
         raise LorakitError(f"'{path}' is missing")
@@ -101,7 +102,7 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         weights = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise LorakitError(f"{path}: not a valid safetensors file ({err})") from None
-    return check_finite(weights, str(path))
+    return check_finite(weights, str(path)) if finite else weights
 
 
 def check_finite(weights: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:

@@ -253,4 +253,5 @@ def test_adapter_trained_on_builtin_model_is_refused_on_a_random_model_of_its_sh
     assert (f"adapter trained on another base model ('smollm2-135m-instruct', not '{tmp_path / 'random'}'): "
             f"same shapes but other weights") in err and "pass --force" in err
     assert not (tmp_path / "merged").exists()
+    assert main(["adapters", "check", str(out), "--base", "smollm2-135m-instruct"]) == 0
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "smollm2-135m-instruct"
