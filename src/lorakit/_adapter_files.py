@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from lorakit._io import atomic_path, write_json_atomic
@@ -28,19 +28,36 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 
 
-def write_adapter_files(directory: str | Path, config_dict: dict, tensors: dict[str, torch.Tensor]) -> None:
-    """Write adapter_config.json and adapter_model.safetensors atomically."""
+def write_adapter_files(directory: str | Path, config_dict: dict, tensors: dict[str, torch.Tensor],
+                        metadata: dict[str, str] | None = None) -> None:
+    """Write adapter_config.json and adapter_model.safetensors atomically; ``metadata``: extra
+    string pairs for the safetensors header (the base fingerprint, ``lorakit._fingerprint``)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    write_tensors(directory / WEIGHTS_NAME, tensors)
+    write_tensors(directory / WEIGHTS_NAME, tensors, metadata)
     write_json_atomic(directory / CONFIG_NAME, config_dict)
 
 
-def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
-    """One safetensors file, written atomically (tensors copied to contiguous CPU memory)."""
+def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor],
+                  metadata: dict[str, str] | None = None) -> None:
+    """One safetensors file, written atomically (tensors copied to contiguous CPU memory). Its
+    header metadata is ``{"format": "pt"}`` (what transformers expects) plus ``metadata``."""
     contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(contiguous, str(tmp), metadata={"format": "pt"})
+        save_file(contiguous, str(tmp), metadata={**(metadata or {}), "format": "pt"})
+
+
+def read_adapter_metadata(directory: str | Path) -> dict[str, str]:
+    """The header metadata of adapter_model.safetensors ({} for a legacy .bin or none); the
+    tensors are not read. An unreadable header is the one-line error ``read_tensors`` gives."""
+    path = Path(directory) / WEIGHTS_NAME
+    if not path.is_file():
+        return {}
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as err:
+        raise LorakitError(f"{path}: not a valid safetensors file ({err})") from None
 
 
 def read_adapter_config_dict(directory: str | Path) -> dict:
@@ -58,25 +75,26 @@ def read_adapter_config_dict(directory: str | Path) -> dict:
     return data
 
 
-def read_adapter_weights(directory: str | Path) -> dict[str, torch.Tensor]:
+def read_adapter_weights(directory: str | Path, finite: bool = True) -> dict[str, torch.Tensor]:
     """Tensors from adapter_model.safetensors (or a legacy .bin, loaded with weights_only),
-    all finite (``check_finite``)."""
+    all finite (``check_finite``; ``finite=False`` leaves that to the caller)."""
     directory = Path(directory)
     path = directory / WEIGHTS_NAME
     if path.is_file():
-        return read_tensors(path)
+        return read_tensors(path, finite)
     legacy = directory / LEGACY_WEIGHTS_NAME
     if legacy.is_file():
         try:
             weights = torch.load(legacy, map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises several types for bad pickles
             raise LorakitError(f"{legacy}: cannot be read safely ({type(err).__name__}: {err})".splitlines()[0]) from None
-        return check_finite(weights, str(legacy))
+        return check_finite(weights, str(legacy)) if finite else weights
     raise LorakitError(f"'{directory}' has no {WEIGHTS_NAME}")
 
 
-def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of one safetensors file, all finite; a missing or corrupt file is a one-line error."""
+def read_tensors(path: str | Path, finite: bool = True) -> dict[str, torch.Tensor]:
+    """Tensors of one safetensors file, all finite (unless ``finite=False``); a missing or
+    corrupt file is a one-line error."""
     path = Path(path)
     if not path.is_file():
         raise LorakitError(f"'{path}' is missing")
@@ -84,7 +102,7 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         weights = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise LorakitError(f"{path}: not a valid safetensors file ({err})") from None
-    return check_finite(weights, str(path))
+    return check_finite(weights, str(path)) if finite else weights
 
 
 def check_finite(weights: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:

@@ -245,5 +245,5 @@ def test_imports_flow_one_way():
     leaf_imports = re.compile(r"^\s*(?:from|import) (lorakit[.\w]*)", re.M)
     allowed = {"lorakit.errors", "lorakit._io", "lorakit._faults", "lorakit._quantized_embedding"}
     for leaf in ("_modules.py", "_dtypes.py", "_file_keys.py", "_quantized.py", "_quantized_embedding.py",
-                 "_adapter_files.py", "_io.py"):
+                 "_adapter_files.py", "_io.py", "_fingerprint.py"):
         assert set(leaf_imports.findall((root / leaf).read_text())) <= allowed, leaf

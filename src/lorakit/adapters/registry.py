@@ -9,6 +9,9 @@ plus the hooks it needs, each a declared field (None / False when the method has
     file_contents(model, name, cfg, publish) -> (config dict, tensors): what the adapter files hold
     report(model)                      one line for the training log (QLoRA: base weight memory)
     eval_context(cfg, data_cfg)        turns placed before every evaluated conversation (the prompt baseline)
+    delta_factors(cfg, module, tables) -> (L, R): a saved module's weight update ΔW = L R from its
+                                       file tensors by table (LoRA: s·B, A), checking they fit together;
+                                       None for a method whose update is not a weight delta (bottleneck, prefix)
     resumable                          checkpoints restore it exactly
     trains                             False for a method with nothing to train (the prompt baseline)
 
@@ -59,6 +62,7 @@ class AdapterMethod:
     file_contents: Callable[..., tuple[dict, dict]] | None = None
     report: Callable[[nn.Module], str] | None = None
     eval_context: Callable[[object, object], list] | None = None
+    delta_factors: Callable[[object, str, dict], tuple] | None = None
     resumable: bool = True
     trains: bool = True
     output: str = "adapter"

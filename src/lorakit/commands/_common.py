@@ -42,3 +42,11 @@ def generation_settings(args):
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise LorakitError("--temperature must be >= 0 and --top-p in (0, 1]")
     return GenerationSettings(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+
+
+def format_table(headers: list[str], rows: list[list[str]]) -> str:
+    """Rows under headers, each column as wide as its widest cell (two spaces between columns)."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
+    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)).rstrip()
+             for line in [headers, *rows]]
+    return "\n".join(lines)

@@ -26,7 +26,8 @@ def run(args) -> int:
     lines = [
         f"adapter:           {info['directory']}",
         f"method:            {info['method']} (peft_type {info['peft_type']})",
-        f"base model:        {info['base_model']}",
+        f"base model:        {info['base_model']}" + (f" (fingerprint {info['base_fingerprint']})"
+                                                     if info["base_fingerprint"] else ""),
         f"rank(s):           {ranks}{alpha}",
         f"targets:           {', '.join(info['targets']) or 'n/a'} ({info['adapted_modules']} modules)",
         f"trainable params:  {info['trainable_params']:,}",

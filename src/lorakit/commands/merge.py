@@ -1,4 +1,4 @@
-"""lorakit merge --adapter DIR --output DIR [--dtype] [--overwrite]: a merged transformers model directory."""
+"""lorakit merge --adapter DIR --output DIR [--dtype] [--overwrite] [--force]: a merged transformers model directory."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ def register(subparsers) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing --output (file or non-empty directory); the adapter and "
                              "a local base model are never overwritten")
+    parser.add_argument("--force", action="store_true",
+                        help="merge even when the adapter records another base model (its base fingerprint)")
     parser.set_defaults(func=run)
 
 
@@ -24,7 +26,7 @@ def run(args) -> int:
     from lorakit.inference.merge import merge_adapter
 
     out = merge_adapter(args.adapter, args.output, model=args.model, dtype=args.dtype,
-                       overwrite=args.overwrite)
+                       overwrite=args.overwrite, force=args.force)
     size = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file())
     print(f"merged model written to {out} ({size / 2**20:.1f} MiB, {args.dtype})")
     return 0

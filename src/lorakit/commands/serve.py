@@ -25,6 +25,8 @@ def register(subparsers) -> None:
     parser.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask for")
     parser.add_argument("--max-prompt-tokens", type=int, default=4096, help="longest prompt accepted, in tokens")
     parser.add_argument("--max-body-bytes", type=int, default=1_000_000, help="largest request body accepted")
+    parser.add_argument("--force", action="store_true",
+                        help="load adapters whose recorded base model (fingerprint or name) is not --model")
     parser.set_defaults(func=run)
 
 
@@ -36,5 +38,6 @@ def run(args) -> int:
                     max_tokens=args.max_tokens, default_max_tokens=min(256, args.max_tokens))
     serve(args.model, parse_adapter_specs(args.adapter), host=args.host, port=args.port, api_key=args.api_key,
           adapter_root=args.adapter_root, limits=limits, dtype=args.dtype, device=args.device,
-          max_batch=args.max_batch, batch_window_ms=args.batch_window_ms, served_model_name=args.served_model_name)
+          max_batch=args.max_batch, batch_window_ms=args.batch_window_ms, served_model_name=args.served_model_name,
+          force=args.force)
     return 0

@@ -126,9 +126,12 @@ def blend_adapters(model, adapters: Sequence[str], weights: Sequence[float], new
 
 
 def save_adapter(lora_model, name: str, directory: str | Path) -> None:
-    """Write one adapter of ``lora_model`` to ``directory`` in peft layout."""
+    """Write one adapter of ``lora_model`` to ``directory`` in peft layout, its base's fingerprint
+    in the file's metadata."""
     from lorakit.models import peft_format
+    from lorakit.models.fingerprint import base_metadata
 
     config_dict = lora_model.peft_config[name].to_dict()
     config_dict["inference_mode"] = True
-    peft_format.write_adapter_files(directory, config_dict, lora_model.adapter_state_dict(name))
+    peft_format.write_adapter_files(directory, config_dict, lora_model.adapter_state_dict(name),
+                                    base_metadata(lora_model.model))

@@ -45,8 +45,11 @@ def adapter_base_model(adapter: str | Path) -> str:
 
 
 def load_for_inference(adapter: str | Path | None = None, model: str | None = None, dtype="float32",
-                       device: str = "cpu"):
-    """(model in eval mode, tokenizer): ``model`` (default: the adapter's base) plus ``adapter``."""
+                       device: str = "cpu", check_base: bool = False):
+    """(model in eval mode, tokenizer): ``model`` (default: the adapter's base) plus ``adapter``.
+    An adapter recording another base model is loaded with a warning, or refused (LorakitError
+    ending in "pass --force ...") with ``check_base``."""
+    from lorakit.models.fingerprint import require_same_base
     from lorakit.models.inject import load_adapter
     from lorakit.models.load import DEFAULT_MODEL, load_model
 
@@ -55,6 +58,8 @@ def load_for_inference(adapter: str | Path | None = None, model: str | None = No
     base, tokenizer = load_model(model, dtype=dtype, device=device)
     if adapter is None:
         return base, tokenizer
+    if check_base and Path(adapter).is_dir():
+        require_same_base(adapter, base)
     return load_adapter(base, adapter).eval(), tokenizer
 
 

@@ -8,11 +8,13 @@ from lorakit.errors import LorakitError
 
 
 def adapter_info(directory: str | Path) -> dict:
-    """{"method", "peft_type", "base_model", "ranks", "lora_alpha", "targets", "adapted_modules",
-    "trainable_params", "size_bytes" (adapter_model.safetensors + adapter_config.json), "extra"} read from
+    """{"method", "peft_type", "base_model", "base_fingerprint" (16 hex, recorded by lorakit; None
+    for peft's files), "ranks", "lora_alpha", "targets", "adapted_modules", "trainable_params",
+    "size_bytes" (adapter_model.safetensors + adapter_config.json), "extra"} read from
     adapter_config.json and adapter_model.safetensors. Both go through the checks every loader runs
     (config types and ranges, readable and finite tensors), so info accepts exactly what loads."""
     from lorakit.adapters import ADAPTER_METHODS, parameter_tables
+    from lorakit.models.fingerprint import adapter_base
     from lorakit.models.peft_format import (WEIGHTS_NAME, adapter_config_from_dict, read_adapter_config_dict,
                                             read_adapter_weights)
 
@@ -45,11 +47,13 @@ def adapter_info(directory: str | Path) -> dict:
     if config.get("rank_pattern"):
         extra["rank_pattern"] = f"{len(config['rank_pattern'])} per-module ranks"
     size = weights.stat().st_size + (directory / "adapter_config.json").stat().st_size
+    record = adapter_base(directory)
     return {
         "directory": str(directory),
         "method": method,
         "peft_type": peft_type,
         "base_model": config.get("base_model_name_or_path"),
+        "base_fingerprint": record.fingerprint if record else None,
         "ranks": sorted(ranks) or ([config["r"]] if config.get("r") is not None else []),
         "lora_alpha": config.get("lora_alpha"),
         "targets": sorted({m.rsplit(".", 1)[-1] for m in modules}) or

@@ -8,9 +8,12 @@ from lorakit._io import atomic_directory, check_output_target
 
 
 def merge_adapter(adapter: str | Path, output: str | Path, model: str | None = None, dtype="float32",
-                  overwrite: bool = False) -> Path:
+                  overwrite: bool = False, force: bool = False) -> Path:
     """Load the base in fp32, fold the adapter in (W + s·BA in fp32), cast to ``dtype`` and save
     model + tokenizer to ``output`` atomically. Returns ``output``.
+
+    An adapter whose base fingerprint records another base model is refused (one line saying
+    what differs) unless ``force``: merged into the wrong weights it would make a broken model.
 
     An existing file or non-empty directory at ``output`` is refused unless ``overwrite``; an
     ``output`` that is, lies inside or contains the adapter directory or a local base model is
@@ -19,7 +22,7 @@ def merge_adapter(adapter: str | Path, output: str | Path, model: str | None = N
     from lorakit.models.load import resolve_dtype
 
     output = check_output_target(output, overwrite, inputs=_local_inputs(adapter, model), what="output")
-    merged_model, tokenizer = load_for_inference(adapter, model, dtype="float32")
+    merged_model, tokenizer = load_for_inference(adapter, model, dtype="float32", check_base=not force)
     merged = merged_model.merge_and_unload()
     merged.to(resolve_dtype(dtype))
     with atomic_directory(output) as tmp:

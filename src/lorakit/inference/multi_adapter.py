@@ -6,8 +6,9 @@ batches in which every row uses its own adapter.
     with mam.disable_adapter(): ...              # exactly the base model
     logits = mam(input_ids, adapter_names=["sql", "chat", None]).logits   # per-row adapters
 
-Adapters are checked when loaded: a recorded base model that is not the served one, a target
-module the model lacks, or a tensor of the wrong shape is a one-line error naming the culprit.
+Adapters are checked when loaded: a recorded base model that is not the served one (by its base
+fingerprint, else by name; ``check_base=False`` skips this), a target module the model lacks, or
+a tensor of the wrong shape is a one-line error naming the culprit.
 """
 
 from __future__ import annotations
@@ -87,18 +88,28 @@ class MultiAdapterModel:
         if name in self.adapter_names:
             raise LorakitError(f"adapter '{name}' is already loaded; unload it first or choose another name")
         config = peft_format.read_adapter_config_dict(directory)
-        recorded = config.get("base_model_name_or_path")
-        if self.check_base and recorded and self.base_name and \
-                normalized_model_name(recorded) != normalized_model_name(self.base_name):
-            raise LorakitError(f"adapter '{name}' ({directory}) was trained on base model '{recorded}', not "
-                               f"'{self.base_name}'; load it over its own base (or disable the check if "
-                               f"they are the same weights)")
+        if self.check_base:
+            self._check_base(name, directory, config.get("base_model_name_or_path"))
         if self.lora is None:
             self.lora = LoraModel.from_pretrained(self.model, directory, name)
         else:
             self.lora.load_adapter(directory, name)
         self._stacks = None
         self._restore_active()
+
+    def _check_base(self, name: str, directory, recorded: str | None) -> None:
+        """Refuse an adapter made for another base: by its base fingerprint when the file has
+        one (then the names may differ: a local copy of the same weights is the same base),
+        else by the base_model_name_or_path it records."""
+        from lorakit.models.fingerprint import adapter_base, require_same_base
+
+        if adapter_base(directory) is not None:
+            require_same_base(directory, self.model, hint="load it over its own base (lorakit serve --force "
+                                                          "loads it anyway)")
+        elif recorded and self.base_name and normalized_model_name(recorded) != normalized_model_name(self.base_name):
+            raise LorakitError(f"adapter '{name}' ({directory}) was trained on base model '{recorded}', not "
+                               f"'{self.base_name}'; load it over its own base (lorakit serve --force loads it "
+                               f"anyway if they are the same weights)")
 
     def delete_adapter(self, name: str) -> None:
         if name not in self.adapter_names:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lorakit import _fingerprint
 from lorakit._modules import inner_model_getattr, parameter_counts, set_submodule, trainable_parameters_line
 from lorakit.adapters import method_for_config
 from lorakit.adapters.registry import all_layer_types
@@ -98,6 +99,7 @@ class LoraModel(nn.Module):
         method = method_for_config(config)
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(self.model, "name_or_path", None) or None
+        _fingerprint.base_record(self.model)  # the base as loaded, before QLoRA / PiSSA change it
         if method.prepare_base is not None:  # QLoRA quantizes the whole base first
             method.prepare_base(self.model, config)
         targets = find_target_modules(self.model, config)
@@ -190,6 +192,8 @@ class LoraModel(nn.Module):
                 set_submodule(self.model, name, module.current_module() if merge else module.original_module)
         for param in self.model.parameters():
             param.requires_grad_(False)
+        if merge:
+            _fingerprint.forget_record(self.model)  # other weights now: an adapter trained on it records them
         return self.model
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
@@ -200,7 +204,9 @@ class LoraModel(nn.Module):
         return self._unwrap(merge=True)
 
     def unload(self) -> nn.Module:
-        """Remove all adapters without merging; returns the original transformers model."""
+        """Remove all adapters without merging; returns the original transformers model. It keeps
+        its base fingerprint (the weights as loaded), also where PiSSA left the residual weights
+        in it: an adapter trained on that residual base records the original one."""
         self.unmerge_adapter()
         return self._unwrap(merge=False)
 
@@ -227,7 +233,9 @@ class LoraModel(nn.Module):
         """peft layout: the "default" adapter in ``save_directory``, others in subfolders.
         What the files hold is the method's ``file_contents`` hook (a PiSSA adapter is saved as
         the equivalent plain LoRA adapter for the original base unless
-        ``convert_pissa_to_lora=False``; AdaLoRA drops pruned triplets)."""
+        ``convert_pissa_to_lora=False``; AdaLoRA drops pruned triplets). The file's metadata
+        records the base model (``lorakit.models.fingerprint``)."""
+        metadata = _fingerprint.base_metadata(self.model)
         for name in selected_adapters or list(self.peft_config):
             directory = Path(save_directory) if name == "default" else Path(save_directory) / name
             config = self.peft_config[name]
@@ -239,7 +247,7 @@ class LoraModel(nn.Module):
             else:
                 config_dict, tensors = config.to_dict(), self.adapter_state_dict(name)
             config_dict["inference_mode"] = True
-            peft_format.write_adapter_files(directory, config_dict, tensors)
+            peft_format.write_adapter_files(directory, config_dict, tensors, metadata)
 
     def _check_all_trainable_saved(self, adapter_name: str) -> None:
         """A trainable parameter must have a file key (a table its method declares); one that
@@ -271,10 +279,13 @@ class LoraModel(nn.Module):
 
     def load_adapter(self, directory: str | Path, adapter_name: str = "default",
                      is_trainable: bool = False) -> None:
-        """Add the adapter saved in ``directory`` under ``adapter_name`` and activate it."""
+        """Add the adapter saved in ``directory`` under ``adapter_name`` and activate it. An
+        adapter whose file records another base model is loaded with a BaseMismatchWarning
+        saying what differs (``lorakit.models.fingerprint``)."""
         config = peft_format.adapter_config_from_dict(peft_format.read_adapter_config_dict(directory), directory)
         config.inference_mode = not is_trainable
         weights = peft_format.read_adapter_weights(directory)
+        _fingerprint.warn_if_other_base(peft_format.read_adapter_metadata(directory), self.model, str(directory))
         self.add_adapter(adapter_name, _config_for_loading(config))
         expected = peft_format.adapter_tensors(self.model, adapter_name, config.bias, all_layer_types())
         try:

@@ -3,6 +3,7 @@ transformers and vLLM with no converter.
 
     <dir>/adapter_config.json        the method's config + peft_type (+ base_model_name_or_path)
     <dir>/adapter_model.safetensors  base_model.model.<module path>.lora_A.weight, .lora_B.weight, ...
+                                     (metadata: "format": "pt" and lorakit's base fingerprint, models/fingerprint.py)
 
 In-memory names carry the adapter name (``q_proj.lora_A.default.weight``) and wrapper infixes
 (``base_layer``, ``modules_to_save.default``); file names drop them, as peft does. Loading is
@@ -22,13 +23,14 @@ import torch
 from lorakit import _file_keys
 # the file readers and writers live in a leaf module that methods with their own wrapper share
 from lorakit._adapter_files import (CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, check_finite, copy_into_model,
-                                    read_adapter_config_dict, read_adapter_weights, write_adapter_files)
+                                    read_adapter_config_dict, read_adapter_metadata, read_adapter_weights,
+                                    write_adapter_files)
 from lorakit._file_keys import FILE_PREFIX
 from lorakit.adapters import method_for_peft_type, parameter_tables
 
 __all__ = ["CONFIG_NAME", "FILE_PREFIX", "LEGACY_WEIGHTS_NAME", "WEIGHTS_NAME", "adapter_config_from_dict",
            "adapter_tensors", "check_finite", "copy_into_model", "file_key", "read_adapter_config_dict",
-           "read_adapter_weights", "write_adapter_files"]
+           "read_adapter_metadata", "read_adapter_weights", "write_adapter_files"]
 
 
 def file_key(model_key: str, adapter_name: str) -> str | None:

@@ -28,15 +28,17 @@ def parse_adapter_specs(specs: list[str]) -> dict[str, str]:
 def build_app(model: str, adapters: dict[str, str] | None = None, api_key: str | None = None,
               adapter_root: str | Path | None = None, limits: Limits | None = None, dtype: str = "float32",
               device: str = "cpu", max_batch: int = 32, batch_window_ms: float = 10.0,
-              served_model_name: str | None = None):
-    """(ASGI app, engine) for ``model`` with ``adapters`` loaded; see lorakit.server.app."""
+              served_model_name: str | None = None, force: bool = False):
+    """(ASGI app, engine) for ``model`` with ``adapters`` loaded; see lorakit.server.app. An
+    adapter recorded as trained on another base (its fingerprint, else its base model name) is
+    refused, at startup and at run time, unless ``force``."""
     from lorakit.inference.multi_adapter import MultiAdapterModel
     from lorakit.server.app import ServerSettings, create_app
     from lorakit.server.engine import BatchingEngine
 
     if adapter_root is not None and not Path(adapter_root).is_dir():
         raise LorakitError(f"--adapter-root '{adapter_root}' is not a directory")
-    multi = MultiAdapterModel.from_pretrained(model, adapters or {}, dtype=dtype, device=device)
+    multi = MultiAdapterModel.from_pretrained(model, adapters or {}, dtype=dtype, device=device, check_base=not force)
     base_name = served_model_name or model
     if base_name in multi.adapter_names:
         raise LorakitError(f"adapter name '{base_name}' is also the base model's name; rename the adapter")

@@ -3,12 +3,15 @@ reallocated during training to the matrices where it matters most (see allocator
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from lorakit.adapters.adalora.allocator import RankAllocator, kept_triplets, prune_tensors_by_rank_pattern
 from lorakit.adapters.adalora.config import AdaLoraConfig
+from lorakit.adapters.adalora.functional import svd_scale
 from lorakit.adapters.adalora.layer import AdaLoraLayer
 from lorakit.adapters.lora.layer import wrap_target
+from lorakit.errors import LorakitError
 
 
 def attach_adalora(module: nn.Module, adapter_name: str, config: AdaLoraConfig, module_name: str) -> AdaLoraLayer:
@@ -51,5 +54,23 @@ def adalora_file_contents(model, adapter_name: str, config: AdaLoraConfig, publi
     return config.to_dict(), tensors
 
 
-__all__ = ["AdaLoraConfig", "AdaLoraLayer", "RankAllocator", "adalora_file_contents", "adalora_set_total_steps",
-           "adalora_training_hooks", "attach_adalora"]
+def adalora_delta_factors(config: AdaLoraConfig, module_name: str, tables: dict[str, torch.Tensor]):
+    """(L (out, r), R (r, in)) with ΔW = L R = P (Λ ⊙ Q) · alpha / (r₀ + ε) for one module of a
+    saved adapter (lora_A = Q (r, in), lora_E = Λ (r, 1), lora_B = P (out, r)); r is the kept
+    count rank_pattern records (init_r without one). A LorakitError naming the module when the
+    three do not fit together."""
+    missing = [t for t in ("lora_A", "lora_E", "lora_B") if t not in tables]
+    if missing:
+        raise LorakitError(f"module '{module_name}': {missing[0]} is missing")
+    A, E, B = tables["lora_A"], tables["lora_E"], tables["lora_B"]
+    mask = kept_triplets(config.rank_pattern, module_name)
+    r = config.init_r if mask is None else sum(mask)
+    if A.dim() != 2 or B.dim() != 2 or tuple(E.shape) != (A.shape[0], 1) or A.shape[0] != B.shape[1] or A.shape[0] != r:
+        raise LorakitError(f"module '{module_name}': lora_A {tuple(A.shape)}, lora_E {tuple(E.shape)} and lora_B "
+                           f"{tuple(B.shape)} do not fit rank r = {r} ((r, in), (r, 1), (out, r))")
+    scaling = config.lora_alpha if config.lora_alpha > 0 else float(r)  # as the layer sets it
+    return B.double(), A.double() * E.double() * svd_scale(scaling, config.init_r)
+
+
+__all__ = ["AdaLoraConfig", "AdaLoraLayer", "RankAllocator", "adalora_delta_factors", "adalora_file_contents",
+           "adalora_set_total_steps", "adalora_training_hooks", "attach_adalora"]

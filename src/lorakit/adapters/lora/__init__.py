@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from lorakit._modules import pattern_value
 from lorakit.adapters import pissa
+from lorakit.errors import LorakitError
 
 from lorakit.adapters.lora.config import LoraConfig
+from lorakit.adapters.lora.functional import lora_scaling
 from lorakit.adapters.lora.layer import LoraLayer, wrap_target
 
 
@@ -39,4 +42,25 @@ def lora_file_contents(model, adapter_name: str, config: LoraConfig, publish: bo
     return config_dict, tensors
 
 
-__all__ = ["LoraConfig", "LoraLayer", "attach_lora", "lora_file_contents"]
+def lora_delta_factors(config: LoraConfig, module_name: str, tables: dict[str, torch.Tensor]):
+    """(L (out, r), R (r, in)) with ΔW = L R = s · B A for one module of a saved adapter, from
+    its file tensors by table (``lora_A`` (r, in), ``lora_B`` (out, r)); s from the module's
+    rank and alpha (rank_pattern / alpha_pattern). DoRA: the low-rank term only (its magnitude
+    vector rescales columns of W + ΔW and is not part of it). A LorakitError naming the module
+    when A and B do not fit together or the rank is not the config's."""
+    if "lora_A" not in tables or "lora_B" not in tables:
+        missing = "lora_A" if "lora_A" not in tables else "lora_B"
+        raise LorakitError(f"module '{module_name}': {missing} is missing")
+    A, B = tables["lora_A"], tables["lora_B"]
+    if A.dim() != 2 or B.dim() != 2:
+        raise LorakitError(f"module '{module_name}': lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} "
+                           f"must be matrices")
+    r = pattern_value(config.rank_pattern, module_name, config.r)
+    if A.shape[0] != B.shape[1] or A.shape[0] != r:
+        raise LorakitError(f"module '{module_name}': lora_A has {A.shape[0]} rows and lora_B {B.shape[1]} columns; "
+                           f"both must be the rank r = {r}")
+    alpha = pattern_value(config.alpha_pattern, module_name, config.lora_alpha)
+    return B.double() * lora_scaling(r, alpha, config.use_rslora), A.double()
+
+
+__all__ = ["LoraConfig", "LoraLayer", "attach_lora", "lora_delta_factors", "lora_file_contents"]

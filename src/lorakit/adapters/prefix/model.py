@@ -25,7 +25,9 @@ from torch import nn
 from transformers import DynamicCache
 
 from lorakit._adapter_files import (CONFIG_NAME, WEIGHTS_NAME, copy_into_model, read_adapter_config_dict,
-                                    read_adapter_weights, read_tensors, write_adapter_files, write_tensors)
+                                    read_adapter_metadata, read_adapter_weights, read_tensors, write_adapter_files,
+                                    write_tensors)
+from lorakit._fingerprint import base_metadata, base_record, warn_if_other_base
 from lorakit.adapters.prefix.config import PrefixTuningConfig
 from lorakit.adapters.prefix.encoder import PrefixEncoder, packed_prefix_mask, prefix_cache
 from lorakit._modules import inner_model_getattr, parameter_counts, trainable_parameters_line
@@ -49,6 +51,7 @@ class PrefixModel(nn.Module):
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
         self.model = model
+        base_record(model)  # the base's fingerprint, recorded in the saved files
         for param in model.parameters():
             param.requires_grad_(False)
         # peft's rule: an inference-mode encoder is the flat table E, whatever prefix_projection says
@@ -196,7 +199,7 @@ class PrefixModel(nn.Module):
         config_dict = self._config.to_dict()
         config_dict["inference_mode"] = True
         with torch.no_grad():
-            write_adapter_files(directory, config_dict, {FILE_KEY: self._encoder().float()})
+            write_adapter_files(directory, config_dict, {FILE_KEY: self._encoder().float()}, base_metadata(self.model))
 
     def save_checkpoint_files(self, directory: Path) -> None:
         """The published files (a checkpoint is a usable adapter) plus the raw parameters, so a
@@ -230,6 +233,7 @@ def load_prefix(base: nn.Module, directory: str | Path, adapter_name: str = "def
                            f"resume from a training checkpoint instead")
     config = config.for_model(base.config)  # an adapter made for another model: refused before reading tensors
     weights = read_adapter_weights(directory)
+    warn_if_other_base(read_adapter_metadata(directory), base, str(directory))
     model = PrefixModel(base, dataclasses.replace(config, inference_mode=not is_trainable), adapter_name)
     copy_into_model(model.trainable_tensors(), weights, str(directory / WEIGHTS_NAME))
     return model

@@ -37,6 +37,7 @@ from torch import nn
 
 from lorakit._quantized import _bnb, dense_dtype, dense_linear, dense_weight, dequantize_weight, is_quantized  # noqa: F401 - re-exported (qlora API)
 from lorakit._dtypes import resolve_dtype
+from lorakit._fingerprint import base_record
 from lorakit._modules import replace_module, set_submodule
 from lorakit._quantized_embedding import QuantizedEmbedding
 from lorakit.adapters.contract import AdapterLayer
@@ -155,6 +156,7 @@ def quantize_base(model: nn.Module, quantization: str = "nf4", compute_dtype="au
     if quantization not in QUANT_CHOICES:
         raise LorakitError(f"unknown quantization '{quantization}'; valid choices: {', '.join(QUANT_CHOICES)}")
     compute_dtype = resolve_compute_dtype(compute_dtype)
+    base_record(model)  # keep the fingerprint of the weights as loaded: adapters record those, not the 4-bit copy
     strict = quantize_embeddings is not None  # asked for explicitly: an unsupported embedding is an error
     if quantize_embeddings is None:
         quantize_embeddings = quantization != "int8"
