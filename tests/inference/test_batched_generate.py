@@ -66,3 +66,15 @@ def test_stop_string_eos_and_sampling(tmp_path):
     narrow = generate_batch(multi, _Tokens(), [GenerationRequest([5, 9], "b", 8, temperature=5.0, top_p=1e-6,
                                                                 seed=3)])[0]
     assert narrow.token_ids == _alone(multi, [5, 9], "b", 8)  # top_p -> 0 keeps only the argmax
+
+
+def test_subnormal_top_p_or_temperature_is_greedy_not_a_failed_batch(tmp_path):
+    """Found by the server's schema fuzzing: top_p = 5e-324 rounds to 0.0 in float32, which
+    removed every token (multinomial on all zeros), and a temperature that small divides the
+    logits by 0; either failed the whole batch (HTTP 500 for every row in it)."""
+    multi = _multi(tmp_path)
+    greedy = _alone(multi, [5, 9], "b", 6)
+    for temperature, top_p in [(1.0, 5e-324), (5e-324, 1.0), (1e-30, 0.5), (5e-6, 1.0)]:
+        row = generate_batch(multi, _Tokens(), [GenerationRequest([5, 9], "b", 6, temperature=temperature,
+                                                                 top_p=top_p, seed=1)])[0]
+        assert row.token_ids == greedy, (temperature, top_p)

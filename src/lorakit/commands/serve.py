@@ -27,6 +27,12 @@ def register(subparsers) -> None:
     parser.add_argument("--max-body-bytes", type=int, default=1_000_000, help="largest request body accepted")
     parser.add_argument("--force", action="store_true",
                         help="load adapters whose recorded base model (fingerprint or name) is not --model")
+    parser.add_argument("--max-waiting", type=int, default=1024,
+                        help="requests queued for generation before new ones get 503 (default: 1024)")
+    parser.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+                        help="time a client has to send a request's headers (default: 10)")
+    parser.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="time a client has to send a request's body after its headers (default: 30)")
     parser.set_defaults(func=run)
 
 
@@ -35,7 +41,9 @@ def run(args) -> int:
     from lorakit.server.run import parse_adapter_specs, serve
 
     limits = Limits(max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
-                    max_tokens=args.max_tokens, default_max_tokens=min(256, args.max_tokens))
+                    max_tokens=args.max_tokens, default_max_tokens=min(256, args.max_tokens),
+                    max_waiting=args.max_waiting, header_timeout_s=args.header_timeout,
+                    body_timeout_s=args.body_timeout)
     serve(args.model, parse_adapter_specs(args.adapter), host=args.host, port=args.port, api_key=args.api_key,
           adapter_root=args.adapter_root, limits=limits, dtype=args.dtype, device=args.device,
           max_batch=args.max_batch, batch_window_ms=args.batch_window_ms, served_model_name=args.served_model_name,

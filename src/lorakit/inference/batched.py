@@ -6,9 +6,10 @@ token run the whole batch through the mixed-adapter path (``MultiAdapterModel.mi
 batch of rows over many adapters costs about one base forward per token. Rows that finish
 (EOS, stop string, max_new_tokens, cancelled) leave the batch and the KV cache at once.
 
-Sampling per row: temperature 0 -> greedy (argmax); otherwise softmax(logits / T) restricted to
-the smallest set of tokens whose probability reaches top_p (nucleus sampling, Holtzman et al.
-2020), drawn with the row's own generator (``seed``).
+Sampling per row: temperature 0 (below ``GREEDY_BELOW``) -> greedy (argmax); otherwise
+softmax(logits / T) restricted to the smallest set of tokens whose probability reaches top_p
+(nucleus sampling, Holtzman et al. 2020; the most probable token is always in it), drawn with
+the row's own generator (``seed``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
+
+# Temperatures below this sample greedily, as vLLM does: softmax(logits / T) is already one-hot
+# there, and a T that rounds to 0 in float32 (5e-324) would divide the logits by zero.
+GREEDY_BELOW = 1e-5
 
 
 @dataclass
@@ -88,12 +93,13 @@ def _choose_tokens(logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
     tokens = logits.argmax(-1)
     for i, row in enumerate(rows):
         request = row.request
-        if request.temperature <= 0:
+        if request.temperature < GREEDY_BELOW:
             continue
         probs = torch.softmax(logits[i].float() / request.temperature, dim=-1)  # (V,)
         if request.top_p < 1.0:
             sorted_probs, order = probs.sort(descending=True)
             outside = sorted_probs.cumsum(-1) - sorted_probs >= request.top_p  # mass before it reached top_p
+            outside[0] = False  # a top_p under float32's range (5e-324 -> 0.0) would leave no token at all
             sorted_probs[outside] = 0.0
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
         tokens[i] = torch.multinomial(probs, 1, generator=row.generator)[0]

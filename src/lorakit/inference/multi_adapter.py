@@ -23,7 +23,7 @@ import torch
 from lorakit.errors import LorakitError
 from lorakit.inference.mixed import AdapterStacks, mixed_adapters
 
-_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")  # fullmatch: '$' would let "a\n" through
 
 
 def normalized_model_name(name: str | None) -> str | None:
@@ -44,7 +44,7 @@ def normalized_model_name(name: str | None) -> str | None:
 
 
 def check_adapter_name(name: str) -> None:
-    if not isinstance(name, str) or not _ADAPTER_NAME.match(name):
+    if not isinstance(name, str) or not _ADAPTER_NAME.fullmatch(name):
         raise LorakitError(f"adapter name {name!r} is not valid; use 1-128 letters, digits and . _ - : / "
                            f"starting with a letter or digit")
 

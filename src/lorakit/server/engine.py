@@ -61,6 +61,10 @@ class BatchingEngine:
         self._queue.put(job)
         return job
 
+    def waiting(self) -> int:
+        """Jobs queued and not yet taken by the worker."""
+        return self._queue.qsize()
+
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join(timeout=30)

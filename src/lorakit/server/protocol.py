@@ -16,7 +16,7 @@ from lorakit.errors import lone_surrogate_at
 
 # Options whose non-default values would change the answer and that lorakit does not implement:
 # refused (400) rather than silently ignored.
-_UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "tools": (None, []),
+UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "tools": (None, []),
                 "tool_choice": (None, "none", "auto"), "functions": (None, []), "logit_bias": (None, {}),
                 "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
                 "echo": (None, False), "best_of": (None, 1), "suffix": (None, ""), "n": (None, 1)}
@@ -24,12 +24,22 @@ _UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "tools": (
 
 @dataclass
 class Limits:
-    """Request limits: body bytes, prompt tokens, max_tokens (and its default)."""
+    """Request limits: body bytes, prompt tokens, max_tokens (and its default), requests waiting
+    for the generation worker, and how long a client may take to send a request.
+
+    The timeouts bound what a slow (or hostile) client can hold: ``header_timeout_s`` for the
+    request line and headers (a few hundred bytes; 10 s allows a very poor link), then
+    ``body_timeout_s`` for the whole body (1 MB in 30 s is about 270 kbit/s; real clients send it
+    in milliseconds). See lorakit.server.transport.
+    """
 
     max_body_bytes: int = 1_000_000
     max_prompt_tokens: int = 4096
     max_tokens: int = 1024
     default_max_tokens: int = 256
+    max_waiting: int = 1024  # more queued generation requests than this: 503, retry later
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
 
 
 class ApiError(Exception):
@@ -44,16 +54,37 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+def quoted(value, limit: int = 200) -> str:
+    """A client's value for an error message: quoted on one line (newlines and control characters
+    escaped, as Python's repr does), cut after ``limit`` characters."""
+    text = value if isinstance(value, str) else json.dumps(value)
+    return repr(text[:limit]) + ("..." if len(text) > limit else "")
+
+
 def not_found_model(model: str, served: list[str]) -> ApiError:
-    return ApiError(404, f"The model '{model}' does not exist; served models: {', '.join(served)}",
+    return ApiError(404, f"The model {quoted(model)} does not exist; served models: {', '.join(served)}",
                     param="model", code="model_not_found")
+
+
+def check_media_type(content_type: str | None) -> None:
+    """Bodies are JSON: a Content-Type naming something else (a form, plain text) is a 415."""
+    media = (content_type or "application/json").split(";")[0].strip().lower()
+    if media != "application/json" and not media.endswith("+json"):
+        raise ApiError(415, f"Content-Type must be application/json; got '{media[:100]}'",
+                       code="unsupported_media_type")
+
+
+def _not_json(constant: str):
+    raise ValueError(f"{constant} is not a JSON value")
 
 
 def parse_json(body: bytes) -> dict:
     try:
-        data = json.loads(body or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ApiError(400, f"request body is not valid JSON: {err}") from None
+        data = json.loads(body or b"null", parse_constant=_not_json)
+    except RecursionError:  # "[[[[..." deeper than Python's recursion limit
+        raise ApiError(400, "request body is not valid JSON: nested too deeply") from None
+    except ValueError as err:  # bad syntax or UTF-8, NaN / Infinity, an integer of more than 4300 digits
+        raise ApiError(400, f"request body is not valid JSON: {str(err).split('; use sys.')[0]}") from None
     if not isinstance(data, dict):
         raise ApiError(400, "request body must be a JSON object")
     return data
@@ -87,7 +118,7 @@ def parse_sampling(data: dict, limits: Limits) -> Sampling:
     model = data.get("model")
     if not isinstance(model, str) or not model:
         raise ApiError(400, "'model' is required: a base model or adapter name from GET /v1/models", param="model")
-    for key, defaults in _UNSUPPORTED.items():
+    for key, defaults in UNSUPPORTED.items():
         if data.get(key) not in defaults:
             raise ApiError(400, f"'{key}' = {data[key]!r} is not supported by lorakit serve", param=key)
     key = "max_completion_tokens" if data.get("max_completion_tokens") is not None else "max_tokens"
@@ -147,8 +178,12 @@ def chat_prompt_ids(data: dict, tokenizer) -> list[int]:
     if not getattr(tokenizer, "chat_template", None):
         raise ApiError(400, "this model has no chat template; use POST /v1/completions with a prompt")
     from lorakit.data import render_chat  # the same rendering training used
+    from lorakit.data.readers import BadRow
 
-    text = render_chat(tokenizer, turns, add_generation_prompt=True)
+    try:
+        text = render_chat(tokenizer, turns, add_generation_prompt=True)
+    except BadRow as err:  # e.g. a template that wants user and assistant turns to alternate
+        raise ApiError(400, f"'messages': {err}", param="messages") from None
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 

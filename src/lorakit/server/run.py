@@ -52,14 +52,17 @@ def serve(model: str, adapters: dict[str, str] | None = None, host: str = "127.0
     """Build the app and serve it until interrupted. The key may come from $LORAKIT_API_KEY."""
     import uvicorn
 
+    from lorakit.server.transport import uvicorn_config
+
     api_key = api_key or os.environ.get("LORAKIT_API_KEY") or None
-    app, engine = build_app(model, adapters, api_key=api_key, **kwargs)
+    limits = kwargs.pop("limits", None) or Limits()
+    app, engine = build_app(model, adapters, api_key=api_key, limits=limits, **kwargs)
     if api_key is None and not _is_loopback(host):
         print(f"lorakit: warning: serving on {host} without an API key; anyone who can reach it can use it")
     names = ", ".join([kwargs.get("served_model_name") or model] + engine.multi.adapter_names)
     print(f"lorakit: serving {names} on http://{host}:{port}/v1")
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        uvicorn.Server(uvicorn_config(app, limits, host=host, port=port, log_level="warning")).run()
     finally:
         engine.close()
 
