@@ -113,7 +113,7 @@ def _mutate_tensors(draw, directory: Path) -> None:
         if name is None or name not in tensors:
             continue
         tensor = tensors[name]
-        if kind == 0:  # NaN / Inf somewhere
+        if kind == 0 and tensor.numel():  # NaN / Inf somewhere
             flat = tensor.clone().reshape(-1)
             flat[draw(st.integers(0, flat.numel() - 1))] = draw(st.sampled_from([math.nan, math.inf, -math.inf]))
             tensors[name] = flat.reshape(tensor.shape)

@@ -228,7 +228,7 @@ def test_the_valid_gguf_loads(worker, valid_gguf, tmp_path):
 # --- long tier ------------------------------------------------------------------------------
 
 @pytest.mark.long
-@fuzz_settings(800)
+@fuzz_settings(1500)
 @given(data=st.data())
 def test_gguf_long(worker, valid_gguf, data):
     check_gguf(worker, *data.draw(damaged_gguf(valid_gguf)))
