@@ -125,3 +125,77 @@ def test_relative_data_paths_fall_back_to_the_config_directory(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path.parent)
     config = load_config(_write(tmp_path))
     assert config.data.train == str(tmp_path / "train.jsonl")
+
+
+# --- found by the config fuzzer (tests/fuzz/test_fuzz_config.py): one line, never a traceback ---
+
+def _refused(call, *args) -> str:
+    with pytest.raises(LorakitError) as info:
+        call(*args)
+    message = str(info.value)
+    assert message and len(message.splitlines()) == 1, repr(message)
+    return message
+
+
+def test_unknown_key_that_is_not_a_string_is_named():
+    """A YAML key like `5:` or `null:` reached difflib as an int and raised TypeError."""
+    assert "unknown key 5 in config section 'train'" in _refused(TrainingConfig.from_dict, {"train": {5: 1}})
+    assert "unknown key None" in _refused(TrainingConfig.from_dict, {None: 1})
+
+
+def test_user_text_with_line_breaks_stays_on_one_line(tmp_path):
+    """Keys, choices and overrides were quoted raw, so a '\\r' or '\\n' in them split the message."""
+    assert "'bad\\nkey'" in _refused(TrainingConfig.from_dict, {"train": {"bad\nkey": 1}})
+    _refused(TrainingConfig.from_dict, {"train": {"scheduler": "cos\nine"}})
+    _refused(TrainingConfig.from_dict, {"method": "lo\rra"})
+    _refused(TrainingConfig.from_dict, {"data": {"format": "chat\n"}})
+    _refused(load_config, None, ["modle\n=1"])
+    _refused(load_config, None, ["train.lr"])
+    bad = _write(tmp_path, "model: \x12\n")  # yaml's own message has a second line
+    assert "invalid YAML" in _refused(load_config, bad)
+
+
+@pytest.mark.parametrize("data, fragment", [
+    ({"method": ["lora"]}, "unknown method ['lora']"),  # unhashable: TypeError
+    ({"method": "adapter", "lora": {"placement": []}}, "placement [] is unknown"),
+    ({"lora": {"lora_dropout": {}}}, "lora_dropout must be in [0, 1)"),  # float({}): TypeError
+    ({"lora": {"lora_dropout": "0.1"}}, "lora_dropout must be in [0, 1)"),
+    ({"lora": {"lora_dropout": 10**400}}, "lora_dropout must be in [0, 1)"),  # float(): OverflowError
+    ({"lora": {"lora_alpha": "sixteen"}}, "lora_alpha must be a number"),
+    ({"lora": {"rank_pattern": [1]}}, "rank_pattern must map module names"),  # .items(): AttributeError
+    ({"lora": {"alpha_pattern": {"q_proj": "x"}}}, "alpha_pattern['q_proj'] must be a number"),
+    ({"method": "adalora", "lora": {"beta1": "x"}}, "beta1 must be in (0, 1)"),
+    ({"method": "adalora", "lora": {"orth_reg_weight": None}}, "orth_reg_weight must be >= 0"),
+    ({"data": {"eval_ratio": "auto"}}, "eval_ratio must be in [0, 1)"),  # float('auto'): ValueError
+    ({"data": {"train": {"path": "a"}}}, "data.train must be a file or directory path"),
+    ({"train": {"lr": float("inf")}}, "train.lr must be a finite number"),  # inf passed '> 0'
+    ({"train": {"epochs": float("inf")}}, "train.epochs must be a finite number"),
+])
+def test_values_of_the_wrong_type_or_not_finite_are_refused(data, fragment):
+    assert fragment in _refused(TrainingConfig.from_dict, data)
+
+
+def test_a_date_as_data_path_is_refused(tmp_path):
+    """YAML reads 2001-12-14 as a date; resolving it as a path raised TypeError after validation."""
+    assert "data.train must be a file or directory path" in _refused(load_config, _write(tmp_path, "data: {train: 2001-12-14}\n"))
+
+
+def test_config_file_that_is_not_utf8_is_refused(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_bytes(b"model: \xff\xfe\n")
+    assert "not UTF-8 text (byte 7)" in _refused(load_config, path)
+
+
+@pytest.mark.parametrize("text", [
+    "a: &a [*a]\n",  # an alias inside itself: RecursionError
+    "train: " + "[" * 5000 + "]" * 5000 + "\n",  # nesting past Python's recursion limit
+    "l0: &l0 [x, x, x, x, x, x, x, x, x]\n" + "".join(  # the "billion laughs": 9**9 values once expanded
+        f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]\n" for i in range(1, 9)) + "train: {lr: *l8}\n",
+], ids=["alias inside itself", "nested 5000 deep", "billion laughs"])
+def test_yaml_that_never_ends_or_explodes_is_refused_quickly(tmp_path, text):
+    import time
+
+    start = time.perf_counter()
+    assert "nested deeper than 64 levels or more than 100000 values" in _refused(load_config, _write(tmp_path, text))
+    assert time.perf_counter() - start < 10
+    assert "nested deeper" in _refused(load_config, None, ["train.lr=&a [*a]"])

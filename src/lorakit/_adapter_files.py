@@ -70,6 +70,9 @@ def read_adapter_config_dict(directory: str | Path) -> dict:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise LorakitError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}") from None
+    except UnicodeDecodeError as err:
+        raise LorakitError(f"{path}: not UTF-8 text (byte {err.start}); it is damaged, save the adapter "
+                           f"again") from None
     if not isinstance(data, dict) or "peft_type" not in data:
         raise LorakitError(f"{path}: not an adapter config (no 'peft_type' key)")
     return data

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorakit._dataclass_config import field_names, strict_config
+from lorakit._dataclass_config import field_names, is_number, strict_config
 from lorakit.errors import LorakitError, closest_hint, unknown_key_error
 
 SCHEDULERS = ("linear", "cosine", "constant")
@@ -70,10 +70,10 @@ class TrainArgs:
 
     def __post_init__(self):
         if self.scheduler not in SCHEDULERS:
-            raise LorakitError(f"train.scheduler '{self.scheduler}' is unknown{closest_hint(str(self.scheduler), SCHEDULERS)}; "
+            raise LorakitError(f"train.scheduler {self.scheduler!r} is unknown{closest_hint(str(self.scheduler), SCHEDULERS)}; "
                                f"valid choices: {', '.join(SCHEDULERS)}")
         if self.precision not in PRECISIONS:
-            raise LorakitError(f"train.precision '{self.precision}' is unknown; valid choices: {', '.join(PRECISIONS)}")
+            raise LorakitError(f"train.precision {self.precision!r} is unknown; valid choices: {', '.join(PRECISIONS)}")
         for name in ("batch_size", "grad_accum", "logging_steps"):
             _check_int(self, name, minimum=1)
         for name in ("max_steps", "eval_every", "save_every", "seed"):
@@ -98,7 +98,7 @@ def _check_int(obj, name: str, minimum: int) -> None:
 def _check_number(obj, name: str, low: float | None = None, high: float | None = None,
                   low_open: bool = False) -> None:
     value = getattr(obj, name)
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = is_number(value)
     if ok and low is not None:
         ok = value > low if low_open else value >= low
     if ok and high is not None:
@@ -106,7 +106,7 @@ def _check_number(obj, name: str, low: float | None = None, high: float | None =
     if not ok:
         bound = f"> {low}" if low_open else f">= {low}"
         bound += f" and <= {high}" if high is not None else ""
-        raise LorakitError(f"train.{name} must be a number {bound}, got {value!r}")
+        raise LorakitError(f"train.{name} must be a finite number {bound}, got {value!r}")
 
 
 def _default_lora_config():
@@ -188,16 +188,40 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     import yaml
 
     if "=" not in text:
-        raise LorakitError(f"override '{text}' must look like key=value (e.g. train.lr=1e-4)")
+        raise LorakitError(f"override {text!r} must look like key=value (e.g. train.lr=1e-4)")
     key, _, raw = text.partition("=")
     path = key.strip().split(".")
     if not all(path):
-        raise LorakitError(f"override '{text}': empty key segment in '{key}'")
+        raise LorakitError(f"override {text!r}: empty key segment in {key!r}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as err:
-        raise LorakitError(f"override '{text}': value is not valid YAML ({str(err).splitlines()[0]})") from None
+        raise LorakitError(f"override {text!r}: value is not valid YAML ({str(err).splitlines()[0]})") from None
+    except RecursionError:
+        value = _TOO_DEEP
+    _check_yaml_shape(value, f"override {text!r}")
     return path, _yaml_number(value)
+
+
+_MAX_DEPTH, _MAX_VALUES = 64, 100_000
+_TOO_DEEP = object()  # what a YAML text nested past Python's recursion limit loads as
+
+
+def _check_yaml_shape(value, where: str) -> None:
+    """Refuse YAML nested deeper than _MAX_DEPTH or holding more than _MAX_VALUES values once its
+    aliases are expanded: an alias inside itself (``a: &a [*a]``) never ends and nested aliases
+    grow exponentially (the "billion laughs"), and every later step walks the expanded values."""
+    stack, count = [(value, 0)], 0
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if node is _TOO_DEEP or depth > _MAX_DEPTH or count > _MAX_VALUES:
+            raise LorakitError(f"{where}: nested deeper than {_MAX_DEPTH} levels or more than {_MAX_VALUES} values "
+                               f"with YAML aliases expanded (an alias inside itself never ends); write it out plainly")
+        if isinstance(node, dict):
+            stack.extend((child, depth + 1) for child in node.values())
+        elif isinstance(node, list):
+            stack.extend((child, depth + 1) for child in node)
 
 
 _EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -225,7 +249,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if child is None:
                 child = node[part] = {}
             elif not isinstance(child, dict):
-                raise LorakitError(f"override '{text}': '{part}' is a value, not a section")
+                raise LorakitError(f"override {text!r}: {part!r} is a value, not a section")
             node = child
         node[path[-1]] = value
     return data
@@ -239,10 +263,16 @@ def read_yaml(path: str | Path) -> dict:
         raise LorakitError(f"config file '{path}' does not exist")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise LorakitError(f"{path}: not UTF-8 text (byte {err.start}); save the config as UTF-8") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark is not None else ""
-        raise LorakitError(f"{path}:{line} invalid YAML ({getattr(err, 'problem', None) or err})") from None
+        why = str(getattr(err, "problem", None) or err).splitlines()[0]
+        raise LorakitError(f"{path}:{line} invalid YAML ({why})") from None
+    except RecursionError:
+        data = _TOO_DEEP
+    _check_yaml_shape(data, str(path))
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -264,7 +294,7 @@ def _raise_from_the_culprit(data: dict, overrides: list[str], where: str) -> Non
     TrainingConfig.from_dict(copy.deepcopy(data), where=where)
     for count, text in enumerate(overrides, start=1):
         TrainingConfig.from_dict(apply_overrides(data, overrides[:count]),
-                                 where=f"command-line override '{text}'")
+                                 where=f"command-line override {text!r}")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainingConfig:

@@ -41,7 +41,7 @@ def closest_hint(name: str, choices) -> str:
 def unknown_key_error(key: str, choices, where: str) -> LorakitError:
     """Error for an unknown config key: names the key, the closest valid one, and all choices."""
     valid = ", ".join(sorted(choices))
-    return LorakitError(f"unknown key '{key}' in {where}{closest_hint(key, choices)}; valid keys: {valid}")
+    return LorakitError(f"unknown key {key!r} in {where}{closest_hint(str(key), choices)}; valid keys: {valid}")
 
 
 def lone_surrogate_at(text: str) -> int | None:

@@ -108,3 +108,52 @@ def test_training_reports_a_bad_row_before_loading_the_model(tmp_path, smol_toke
                                        "output_dir": str(tmp_path / "out")})
     with pytest.raises(LorakitError, match=r"train\.jsonl line 2: malformed JSON"):
         train(config, progress=False)
+
+
+# --- found by the data fuzzer (tests/fuzz/test_fuzz_data.py) ---------------------------------
+
+def test_jsonl_line_that_is_not_utf8_is_a_bad_row(tmp_path, smol_tokenizer):
+    """Reading the file as text raised UnicodeDecodeError from the middle of the loop."""
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(json.dumps(GOOD).encode() + b"\n" + b'{"messages": "\xff"}\n' + json.dumps(GOOD).encode() + b"\n")
+    with pytest.raises(LorakitError, match=r"train\.jsonl line 2: not UTF-8 text \(byte 15 of the line\)") as err:
+        build_datasets(DataConfig(train=str(path)), smol_tokenizer)
+    assert "\n" not in str(err.value)
+    with pytest.warns(UserWarning, match="skipped 1 bad rows of 3"):
+        train, _, _ = build_datasets(DataConfig(train=str(path), skip_bad_rows=True), smol_tokenizer)
+    assert len(train) == 2
+    whole = tmp_path / "train.json"
+    whole.write_bytes(b'[{"text": "\xff"}]')
+    with pytest.raises(LorakitError, match=r"train\.json: not UTF-8 text \(byte 11\)"):
+        build_datasets(DataConfig(train=str(whole)), smol_tokenizer)
+
+
+def test_role_that_is_not_a_string_is_a_bad_row(tmp_path, smol_tokenizer):
+    """{"role": {...}} was looked up in the role table and raised TypeError (unhashable)."""
+    row = {"messages": [{"role": {"name": "user"}, "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    with pytest.raises(LorakitError, match=r"r\.jsonl line 1: messages\[1\] has unknown role \{'name': 'user'\}"):
+        build_datasets(DataConfig(train=write_jsonl(tmp_path / "r.jsonl", [row])), smol_tokenizer)
+
+
+@pytest.mark.parametrize("first, row, where", [
+    (GOOD, {"messages": [{"role": "user", "content": "Hi \ud800"}, {"role": "assistant", "content": "Hello"}]},
+     r"messages\[1\]\.content is not valid Unicode \(lone surrogate at character 4\)"),
+    ({"prompt": "a", "completion": "b"}, {"prompt": "Hi", "completion": "\udfff"}, r"field 'completion' is not valid Unicode"),
+    ({"text": "ok"}, {"text": "a\ud800b"}, r"field 'text' is not valid Unicode"),
+])
+def test_lone_surrogate_from_a_json_escape_is_a_bad_row(tmp_path, smol_tokenizer, first, row, where):
+    """JSON's "\\ud800" decodes to a lone surrogate, which the tokenizer refused with a TypeError."""
+    path = write_jsonl(tmp_path / "s.jsonl", [first, row])
+    with pytest.raises(LorakitError, match=rf"s\.jsonl line 2: {where}"):
+        build_datasets(DataConfig(train=path), smol_tokenizer)
+
+
+def test_skip_bad_rows_skips_a_first_row_of_no_known_format(tmp_path, smol_tokenizer):
+    """The format is detected from the first row; a first row of no known format stopped the
+    load even with skip_bad_rows. Now it is a bad row, and the next row decides the format."""
+    path = write_jsonl(tmp_path / "train.jsonl", [{"question": "a"}, GOOD, GOOD])
+    with pytest.warns(UserWarning, match=r"skipped 1 bad rows of 3 .*line 1: cannot detect the data format"):
+        train, _, stats = build_datasets(DataConfig(train=path, skip_bad_rows=True), smol_tokenizer)
+    assert (len(train), stats.skipped, stats.format) == (2, 1, "chat")
+    with pytest.raises(LorakitError, match=r"train\.jsonl line 1: cannot detect the data format .*skip_bad_rows"):
+        build_datasets(DataConfig(train=path), smol_tokenizer)

@@ -104,3 +104,21 @@ def test_merge_never_writes_over_its_inputs_even_with_overwrite(base_and_adapter
     assert sorted(p.name for p in adapter.parent.iterdir()) == parent_listing
     with pytest.raises(LorakitError, match="the input"):
         merge_adapter(adapter, output, overwrite=True)
+
+
+@pytest.mark.parametrize("base", [{"path": "x"}, ["base"], 7])
+def test_merge_refuses_a_base_model_name_that_is_not_a_string_and_writes_nothing(base_and_adapter, tmp_path, capsys,
+                                                                                 base):
+    """Found by the adapter fuzzer: a non-string base_model_name_or_path raised TypeError from
+    pathlib before the output check; now one line, and nothing appears at --output."""
+    import json
+    import shutil
+
+    _, adapter = base_and_adapter
+    copy = tmp_path / "adapter"
+    shutil.copytree(adapter, copy)
+    config = copy / "adapter_config.json"
+    config.write_text(json.dumps(dict(json.loads(config.read_text()), base_model_name_or_path=base)))
+    assert _merge(copy, tmp_path / "out" / "merged") == 2
+    assert "records no base_model_name_or_path" in _one_line_error(capsys)
+    assert not (tmp_path / "out").exists()

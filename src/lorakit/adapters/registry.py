@@ -78,8 +78,8 @@ def register_method(method: AdapterMethod) -> None:
 
 
 def get_method(name: str) -> AdapterMethod:
-    if name not in ADAPTER_METHODS:
-        raise LorakitError(f"unknown method '{name}'; valid choices: {', '.join(sorted(ADAPTER_METHODS))}")
+    if not isinstance(name, str) or name not in ADAPTER_METHODS:
+        raise LorakitError(f"unknown method {name!r}; valid choices: {', '.join(sorted(ADAPTER_METHODS))}")
     return ADAPTER_METHODS[name]
 
 
@@ -99,7 +99,7 @@ def method_for_peft_type(peft_type: str) -> AdapterMethod:
         if method.peft_type == peft_type:
             return method
     known = sorted({m.peft_type for m in ADAPTER_METHODS.values() if m.peft_type})
-    raise LorakitError(f"adapter peft_type '{peft_type}' is not supported; lorakit reads {', '.join(known)}")
+    raise LorakitError(f"adapter peft_type {peft_type!r} is not supported; lorakit reads {', '.join(known)}")
 
 
 def method_for_directory(directory) -> AdapterMethod:

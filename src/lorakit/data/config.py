@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lorakit._dataclass_config import strict_config
+from lorakit._dataclass_config import is_number, strict_config
 from lorakit.errors import LorakitError, closest_hint
 
 FORMATS = ("auto", "alpaca", "chat", "sharegpt", "prompt_completion", "text")
@@ -43,15 +43,18 @@ class DataConfig:
 
     def __post_init__(self):
         if self.format not in FORMATS:
-            raise LorakitError(f"data.format '{self.format}' is unknown{closest_hint(str(self.format), FORMATS)}; "
+            raise LorakitError(f"data.format {self.format!r} is unknown{closest_hint(str(self.format), FORMATS)}; "
                                f"valid choices: {', '.join(FORMATS)}")
+        for name in ("train", "eval"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise LorakitError(f"data.{name} must be a file or directory path, got {getattr(self, name)!r}")
         if not isinstance(self.max_seq_len, int) or self.max_seq_len < 2:
             raise LorakitError(f"data.max_seq_len must be an integer >= 2, got {self.max_seq_len!r}")
         if not (isinstance(self.packing, bool) or self.packing == "auto"):
             raise LorakitError(f"data.packing must be true, false or auto, got {self.packing!r}")
         if not isinstance(self.group_by_length, bool):
             raise LorakitError(f"data.group_by_length must be true or false, got {self.group_by_length!r}")
-        if not 0.0 <= float(self.eval_ratio) < 1.0:
+        if not (is_number(self.eval_ratio) and 0.0 <= self.eval_ratio < 1.0):
             raise LorakitError(f"data.eval_ratio must be in [0, 1), got {self.eval_ratio!r}")
         if self.eval and self.eval_ratio:
             raise LorakitError("set either data.eval (a file) or data.eval_ratio (a split of data.train), not both")

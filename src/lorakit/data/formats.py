@@ -14,7 +14,7 @@ messages, conversations, instruction+output, prompt+completion, text.
 from __future__ import annotations
 
 from lorakit.data.readers import BadRow
-from lorakit.errors import LorakitError
+from lorakit.errors import lone_surrogate_at
 
 _DETECT = (("chat", ("messages",)), ("sharegpt", ("conversations",)), ("alpaca", ("instruction", "output")),
            ("prompt_completion", ("prompt", "completion")), ("text", ("text",)))
@@ -24,13 +24,14 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 
 
 def detect_format(row: dict, where: str) -> str:
-    """The format whose required keys ``row`` has; LorakitError naming the keys otherwise."""
+    """The format whose required keys ``row`` has; BadRow naming the keys otherwise (a bad row
+    like any other: ``skip_bad_rows`` skips it and the next row decides the format)."""
     for name, keys in _DETECT:
         if all(key in row for key in keys):
             return name
     expected = "; ".join(f"{name}: {'+'.join(keys)}" for name, keys in _DETECT)
-    raise LorakitError(f"{where}: cannot detect the data format from keys {sorted(row)}; expected one of "
-                       f"({expected}), or set data.format")
+    raise BadRow(f"cannot detect the data format from keys {sorted(map(str, row))}; expected one of "
+                 f"({expected}), or set data.format")
 
 
 def _text_field(row: dict, key: str, required: bool = True) -> str:
@@ -41,7 +42,14 @@ def _text_field(row: dict, key: str, required: bool = True) -> str:
         return ""
     if not isinstance(value, str):
         raise BadRow(f"field '{key}' must be a string, got {type(value).__name__}")
+    _check_encodable(value, f"field '{key}'")
     return value
+
+
+def _check_encodable(text: str, what: str) -> None:
+    position = lone_surrogate_at(text)
+    if position is not None:  # JSON's "\ud800" escapes decode to one; no tokenizer takes it
+        raise BadRow(f"{what} is not valid Unicode (lone surrogate at character {position + 1})")
 
 
 def _with_system(row: dict, turns: list[dict]) -> list[dict]:
@@ -60,11 +68,12 @@ def _messages(row: dict, key: str, role_key: str, content_key: str, role_map: di
         if not isinstance(turn, dict):
             raise BadRow(f"{key}[{number}] must be an object with '{role_key}' and '{content_key}'")
         role = turn.get(role_key)
-        if role not in role_map:
+        if not isinstance(role, str) or role not in role_map:
             raise BadRow(f"{key}[{number}] has unknown {role_key} {role!r}; valid: {', '.join(role_map)}")
         content = turn.get(content_key)
         if not isinstance(content, str) or not content.strip():
             raise BadRow(f"{key}[{number}] has a missing or empty '{content_key}'")
+        _check_encodable(content, f"{key}[{number}].{content_key}")
         messages.append({"role": role_map[role], "content": content})
     if not any(m["role"] == "assistant" for m in messages):
         raise BadRow(f"field '{key}' has no assistant turn to learn from")

@@ -50,8 +50,13 @@ def _object_or_bad(value) -> dict | BadRow:
 
 
 def _read_jsonl(p: Path, name: str):
-    with open(p, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with open(p, "rb") as handle:  # decoded line by line: a line that is not UTF-8 is one bad row
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield f"{name} line {number}", BadRow(f"not UTF-8 text (byte {err.start + 1} of the line)")
+                continue
             if not line.strip():
                 continue
             try:
@@ -63,7 +68,10 @@ def _read_jsonl(p: Path, name: str):
 
 
 def _read_json(p: Path, name: str):
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise LorakitError(f"{name}: not UTF-8 text (byte {err.start}); save the file as UTF-8") from None
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:

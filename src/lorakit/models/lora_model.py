@@ -307,12 +307,15 @@ class LoraModel(nn.Module):
         wrapper.peft_config = {}
         wrapper.active_adapter = adapter_name
         wrapper._training_hooks = {}
-        for param in model.parameters():
+        trainable = [param for param in model.parameters() if param.requires_grad]
+        for param in trainable:
             param.requires_grad_(False)
         try:
             wrapper.load_adapter(directory, adapter_name, is_trainable)
         except LorakitError:
             wrapper._unwrap(merge=False)  # give the caller back its model unchanged
+            for param in trainable:
+                param.requires_grad_(True)
             raise
         return wrapper
 

@@ -14,7 +14,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from lorakit._dataclass_config import peft_config_dict, peft_config_kwargs, strict_config
+from lorakit._dataclass_config import (check_module_selection, is_number, peft_config_dict, peft_config_kwargs,
+                                      strict_config)
 from lorakit.adapters.lora.config import BIAS_CHOICES
 from lorakit.errors import LorakitError
 
@@ -92,11 +93,13 @@ class AdaLoraConfig:
         if self.total_step is not None:
             self.check_schedule()
         for name in ("beta1", "beta2"):
-            if not 0.0 < float(getattr(self, name)) < 1.0:
+            if not (is_number(getattr(self, name)) and 0.0 < getattr(self, name) < 1.0):
                 raise LorakitError(f"AdaLoraConfig.{name} must be in (0, 1), got {getattr(self, name)!r}")
-        if float(self.orth_reg_weight) < 0:
+        if not (is_number(self.orth_reg_weight) and self.orth_reg_weight >= 0):
             raise LorakitError(f"AdaLoraConfig.orth_reg_weight must be >= 0, got {self.orth_reg_weight!r}")
-        if not 0.0 <= float(self.lora_dropout) < 1.0:
+        if not is_number(self.lora_alpha):
+            raise LorakitError(f"AdaLoraConfig.lora_alpha must be a number, got {self.lora_alpha!r}")
+        if not (is_number(self.lora_dropout) and 0.0 <= self.lora_dropout < 1.0):
             raise LorakitError(f"AdaLoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.bias not in BIAS_CHOICES:
             raise LorakitError(f"AdaLoraConfig.bias must be one of {', '.join(BIAS_CHOICES)}; got {self.bias!r}")
@@ -119,6 +122,7 @@ class AdaLoraConfig:
             self.exclude_modules = sorted(self.exclude_modules)
         if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
             self.layers_to_transform = [self.layers_to_transform]
+        check_module_selection(self, "AdaLoraConfig")
         if self.layers_pattern and self.layers_to_transform is None:
             raise LorakitError("AdaLoraConfig.layers_pattern needs layers_to_transform (the layer indices to adapt)")
         self._check_rank_pattern()
@@ -142,7 +146,7 @@ class AdaLoraConfig:
         for key, mask in self.rank_pattern.items():
             if (not isinstance(mask, list) or len(mask) != self.init_r
                     or not all(isinstance(v, bool) or v in (0, 1) for v in mask)):
-                raise LorakitError(f"AdaLoraConfig.rank_pattern['{key}'] must be a list of {self.init_r} "
+                raise LorakitError(f"AdaLoraConfig.rank_pattern[{key!r}] must be a list of {self.init_r} "
                                    f"booleans (one per initial singular triplet), got {mask!r}")
             self.rank_pattern[key] = [bool(v) for v in mask]
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from lorakit._dataclass_config import peft_config_dict, peft_config_kwargs, strict_config
+from lorakit._dataclass_config import (check_module_selection, is_number, peft_config_dict, peft_config_kwargs,
+                                      strict_config)
 from lorakit.errors import LorakitError, closest_hint
 
 # The output projection of each sublayer, as full suffixes so that GPT-2's ``attn.c_proj`` and
@@ -39,10 +40,6 @@ ATTENTION_OUTPUTS = [
 # Houlsby et al. 2019: two per block, after the attention and after the feed-forward sublayer.
 PLACEMENT_TARGETS = {"pfeiffer": MLP_OUTPUTS, "houlsby": ATTENTION_OUTPUTS + MLP_OUTPUTS}
 NON_LINEARITIES = ("relu", "gelu", "swish", "silu", "tanh")
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @strict_config
@@ -83,18 +80,18 @@ class BottleneckConfig:
     peft_type = "BOTTLENECK"  # class attribute, not a field; a lorakit-only type (peft cannot read it)
 
     def __post_init__(self):
-        if self.placement not in PLACEMENT_TARGETS:
-            raise LorakitError(f"BottleneckConfig.placement '{self.placement}' is unknown"
+        if not isinstance(self.placement, str) or self.placement not in PLACEMENT_TARGETS:
+            raise LorakitError(f"BottleneckConfig.placement {self.placement!r} is unknown"
                                f"{closest_hint(str(self.placement), PLACEMENT_TARGETS)}; valid choices: "
                                f"{', '.join(PLACEMENT_TARGETS)}")
-        if not _is_number(self.reduction_factor) or not self.reduction_factor > 0:
+        if not is_number(self.reduction_factor) or not self.reduction_factor > 0:
             raise LorakitError(f"BottleneckConfig.reduction_factor must be a positive number (bottleneck size = "
                                f"hidden size // reduction_factor), got {self.reduction_factor!r}")
         if self.non_linearity not in NON_LINEARITIES:
-            raise LorakitError(f"BottleneckConfig.non_linearity '{self.non_linearity}' is unknown"
+            raise LorakitError(f"BottleneckConfig.non_linearity {self.non_linearity!r} is unknown"
                                f"{closest_hint(str(self.non_linearity), NON_LINEARITIES)}; valid choices: "
                                f"{', '.join(NON_LINEARITIES)}")
-        if not _is_number(self.adapter_dropout) or not 0.0 <= self.adapter_dropout < 1.0:
+        if not is_number(self.adapter_dropout) or not 0.0 <= self.adapter_dropout < 1.0:
             raise LorakitError(f"BottleneckConfig.adapter_dropout must be in [0, 1), got {self.adapter_dropout!r}")
         if not isinstance(self.init_weights, bool):
             raise LorakitError(f"BottleneckConfig.init_weights must be true or false, got {self.init_weights!r}")
@@ -108,6 +105,7 @@ class BottleneckConfig:
             self.target_modules = list(PLACEMENT_TARGETS[self.placement])
         if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
             self.layers_to_transform = [self.layers_to_transform]
+        check_module_selection(self, "BottleneckConfig")
 
     # --- serialisation (lorakit's adapter_config.json, peft's shape with peft_type BOTTLENECK) ---
     def to_dict(self) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from lorakit._dataclass_config import peft_config_kwargs, strict_config
+from lorakit._dataclass_config import check_regex, peft_config_kwargs, strict_config
 from lorakit.errors import LorakitError
 
 
@@ -28,6 +28,8 @@ class FullConfig:
         if modules is not None and not isinstance(modules, str) and not (
                 isinstance(modules, list) and all(isinstance(m, str) and m for m in modules)):
             raise LorakitError(f"FullConfig.trainable_modules must be a list of module names or a regex, got {modules!r}")
+        if isinstance(modules, str):
+            check_regex(modules, "FullConfig.trainable_modules")
 
     def to_dict(self) -> dict[str, Any]:
         return {"trainable_modules": self.trainable_modules, "base_model_name_or_path": self.base_model_name_or_path}

@@ -128,5 +128,9 @@ def load_full(model: nn.Module, directory: str | Path, adapter_name: str = "defa
     every weight); trainable when ``is_trainable``."""
     from transformers import AutoModelForCausalLM
 
-    loaded = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
+    except Exception as err:  # transformers raises OSError, ValueError, KeyError ... for a broken directory
+        raise LorakitError(f"'{directory}' is not a loadable fine-tuned model directory ({type(err).__name__}: "
+                           f"{str(err).splitlines()[0] if str(err) else ''})") from None
     return FullModel(loaded, FullConfig(inference_mode=not is_trainable))

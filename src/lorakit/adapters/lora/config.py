@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from lorakit._dataclass_config import peft_config_dict, peft_config_kwargs, strict_config
+from lorakit._dataclass_config import (check_module_selection, check_regex, is_number, peft_config_dict,
+                                      peft_config_kwargs, strict_config)
 from lorakit.errors import LorakitError
 
 BIAS_CHOICES = ("none", "all", "lora_only")
@@ -57,7 +58,9 @@ class LoraConfig:
     def __post_init__(self):
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise LorakitError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
-        if not 0.0 <= float(self.lora_dropout) < 1.0:
+        if not is_number(self.lora_alpha):
+            raise LorakitError(f"LoraConfig.lora_alpha must be a number, got {self.lora_alpha!r}")
+        if not (is_number(self.lora_dropout) and 0.0 <= self.lora_dropout < 1.0):
             raise LorakitError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.bias not in BIAS_CHOICES:
             raise LorakitError(f"LoraConfig.bias must be one of {', '.join(BIAS_CHOICES)}; got {self.bias!r}")
@@ -72,9 +75,20 @@ class LoraConfig:
                 and self.target_modules != "all-linear":
             raise LorakitError("LoraConfig.layers_to_transform needs target_modules as a list of names (as in "
                                "peft), not a regex; put the layer numbers in the regex instead")
+        for name in ("rank_pattern", "alpha_pattern"):
+            if not isinstance(getattr(self, name), dict):
+                raise LorakitError(f"LoraConfig.{name} must map module names to values, got {getattr(self, name)!r}")
+        check_module_selection(self, "LoraConfig")
+        for name in (*self.rank_pattern, *self.alpha_pattern):  # keys are name suffixes or regexes (pattern_value)
+            if not isinstance(name, str):
+                raise LorakitError(f"LoraConfig.rank_pattern / alpha_pattern keys must be module names, got {name!r}")
+            check_regex(name, "LoraConfig.rank_pattern / alpha_pattern key", r"(.*\.)?({})$")
+        for name, alpha in self.alpha_pattern.items():
+            if not is_number(alpha):
+                raise LorakitError(f"LoraConfig.alpha_pattern[{name!r}] must be a number, got {alpha!r}")
         for name, rank in self.rank_pattern.items():
-            if not isinstance(rank, int) or rank <= 0:
-                raise LorakitError(f"LoraConfig.rank_pattern['{name}'] must be a positive integer, got {rank!r}")
+            if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+                raise LorakitError(f"LoraConfig.rank_pattern[{name!r}] must be a positive integer, got {rank!r}")
 
     # --- serialisation in peft's adapter_config.json layout -----------------------------
     def to_dict(self) -> dict[str, Any]:

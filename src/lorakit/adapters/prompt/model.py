@@ -142,6 +142,10 @@ def load_prompt(model: nn.Module, directory: str | Path, adapter_name: str = "de
         saved = json.loads(path.read_text(encoding="utf-8"))
         config = PromptConfig(num_examples=saved["num_examples"], seed=saved["seed"])
         context = saved["context"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
         raise LorakitError(f"{path}: not a prompt baseline file ({type(err).__name__}: {err})") from None
+    if not isinstance(context, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                and isinstance(m.get("content"), str) for m in context):
+        raise LorakitError(f"{path}: 'context' must be a list of {{\"role\", \"content\"}} messages; "
+                           f"save the baseline again")
     return PromptModel(model, config, context)
