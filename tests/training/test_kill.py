@@ -132,7 +132,7 @@ def test_lora_run_killed_at_each_kind_of_point_resumes_exactly(point, hit, tiny_
 
 
 @pytest.mark.long
-@pytest.mark.parametrize("point,hit", POINTS + [("step", 9), ("atomic-write", 1), ("atomic-dir", 3)])
+@pytest.mark.parametrize("point,hit", POINTS + [("step", 6), ("atomic-write", 1), ("atomic-dir", 3)])
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "lora"])
 def test_every_method_killed_at_every_point_resumes_exactly(method, point, hit, tiny_llama_dir, tmp_path,
                                                              references):
