@@ -26,7 +26,9 @@ one row of the contract suite (tests/adapters/test_contract.py), which fails wit
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from torch import nn
@@ -69,6 +71,10 @@ class AdapterMethod:
     saved_file: str = "adapter_config.json"
     description: str = ""
 
+    def context_for(self, method_config, data_config) -> list:
+        """The turns placed before every evaluated conversation (``eval_context``); none by default."""
+        return self.eval_context(method_config, data_config) if self.eval_context is not None else []
+
 
 ADAPTER_METHODS: dict[str, AdapterMethod] = {}
 
@@ -105,13 +111,9 @@ def method_for_peft_type(peft_type: str) -> AdapterMethod:
 def method_for_directory(directory) -> AdapterMethod:
     """The method whose output ``directory`` holds: an adapter_config.json's peft_type first, then
     the other methods' ``saved_file`` (a transformers config.json: full fine-tuning)."""
-    from pathlib import Path
-
     directory = Path(directory)
     config = directory / "adapter_config.json"
     if config.is_file():
-        import json
-
         try:
             peft_type = json.loads(config.read_text(encoding="utf-8")).get("peft_type")
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):

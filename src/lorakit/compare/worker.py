@@ -56,7 +56,7 @@ def answer_questions(config, method, questions: list[dict], max_new_tokens: int 
 
     base, tokenizer = load_model(config.model, dtype="float32")
     model = load_adapter(base, config.output_dir).eval()
-    context = method.eval_context(config.lora, config.data) if method.eval_context is not None else []
+    context = method.context_for(config.lora, config.data)
     system = _system_message(config)
     settings = GenerationSettings(max_new_tokens=max_new_tokens)
     correct, new_tokens, seconds, answers = 0, 0, 0.0, []

@@ -269,7 +269,7 @@ def _model_and_data(config: TrainingConfig, accelerator):
     # the data first, with the tokenizer alone: a bad row is reported before minutes of loading
     tokenizer = load_tokenizer(config.model)
     method = get_method(config.method)
-    context = method.eval_context(config.lora, data) if method.eval_context is not None else None
+    context = method.context_for(config.lora, data)
     train_samples, eval_samples, stats = build_datasets(data, tokenizer, eval_context=context)
     _log(accelerator, str(stats))
     precision = resolve_precision(args.precision)

@@ -31,15 +31,14 @@ def evaluate_untrained(config: TrainingConfig):
     out = check_directory_path(config.output_dir, "output_dir")
     method, data, args = get_method(config.method), config.data, config.train
     tokenizer = load_tokenizer(config.model)
-    context = method.eval_context(config.lora, data) if method.eval_context is not None else None
+    context = method.context_for(config.lora, data)
     _, eval_samples, stats = build_datasets(data, tokenizer, eval_context=context)
     if not eval_samples:
         raise LorakitError(f"method '{config.method}' trains nothing, so it needs held-out data to be measured: "
                            f"set data.eval")
     base, _ = load_model(config.model, dtype=resolve_precision(args.precision), device="cpu", tokenizer=tokenizer)
     model = get_peft_model(base, config.lora)
-    if context is not None:
-        model.context = context
+    model.context = context
     batches = make_batches(eval_samples, args.batch_size, tokenizer.pad_token_id, False, data.max_seq_len,
                            shuffle=False, seed=0)
     started = time.perf_counter()
@@ -56,5 +55,5 @@ def evaluate_untrained(config: TrainingConfig):
     result.trainable_params, result.total_params = trainable, total
     write_model_card(out, config, result, stats, trainable, total)
     print(f"lorakit: {config.method}: eval loss {figures['loss']:.4f} (ppl {figures['ppl']:.2f}) with "
-          f"{len(context or [])} context turns; nothing trained; output in {out}", flush=True)
+          f"{len(context)} context turns; nothing trained; output in {out}", flush=True)
     return result
