@@ -253,5 +253,14 @@ def test_adapter_trained_on_builtin_model_is_refused_on_a_random_model_of_its_sh
     assert (f"adapter trained on another base model ('smollm2-135m-instruct', not '{tmp_path / 'random'}'): "
             f"same shapes but other weights") in err and "pass --force" in err
     assert not (tmp_path / "merged").exists()
+    assert main(["export", "--adapter", str(out), "--model", str(tmp_path / "random"),
+                 "--output", str(tmp_path / "export" / "m.gguf")]) == 2
+    assert "pass --force" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "export" / "m.gguf").exists()
+    from lorakit.server.run import build_app
+    with pytest.raises(LorakitError, match="another base model.*pass --force"):
+        build_app(str(tmp_path / "random"), {"support": str(out)})
+    from peft import PeftModel  # the metadata does not stop peft from loading the file
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(builtin_model_dir), str(out))
     assert main(["adapters", "check", str(out), "--base", "smollm2-135m-instruct"]) == 0
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "smollm2-135m-instruct"
