@@ -40,14 +40,14 @@ def export(adapter: str | Path, output: str | Path, fmt: str = "gguf", quant: st
            overwrite: bool = False, force: bool = False) -> ExportResult:
     from lorakit.export.gguf_layout import architecture_of
     from lorakit.inference.generate import adapter_base_model, load_for_inference
-    from lorakit.inference.merge import _local_inputs
+    from lorakit.inference.merge import local_inputs
 
     if fmt not in FORMATS:
         raise LorakitError(f"--format must be one of {', '.join(FORMATS)}, not '{fmt}'")
     output = Path(output)
     if output.suffix != ".gguf":
         raise LorakitError(f"--output must name a .gguf file, not '{output}'")
-    inputs = _local_inputs(adapter, model)
+    inputs = local_inputs(adapter, model)
     check_output_target(output, overwrite, inputs=inputs, what="output")
     modelfile_path = check_output_target(output.parent / MODELFILE, overwrite, inputs=inputs, what="Modelfile")
     base = model if model is not None else adapter_base_model(adapter)

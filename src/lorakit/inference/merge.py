@@ -21,7 +21,7 @@ def merge_adapter(adapter: str | Path, output: str | Path, model: str | None = N
     from lorakit.inference.generate import load_for_inference
     from lorakit.models.load import resolve_dtype
 
-    output = check_output_target(output, overwrite, inputs=_local_inputs(adapter, model), what="output")
+    output = check_output_target(output, overwrite, inputs=local_inputs(adapter, model), what="output")
     merged_model, tokenizer = load_for_inference(adapter, model, dtype="float32", check_base=not force)
     merged = merged_model.merge_and_unload()
     merged.to(resolve_dtype(dtype))
@@ -31,7 +31,7 @@ def merge_adapter(adapter: str | Path, output: str | Path, model: str | None = N
     return output
 
 
-def _local_inputs(adapter: str | Path, model: str | None) -> list[Path]:
+def local_inputs(adapter: str | Path, model: str | None) -> list[Path]:
     """The paths a merge reads: the adapter directory and the base model when it is local."""
     from lorakit.inference.generate import adapter_base_model
 

@@ -14,10 +14,10 @@ Stages (each compared with the first):
 Per stage: token sequences identical on how many prompts, the largest |Δ logit| over the prompt
 positions (not for the server, which returns text: its replies are compared as text), and
 whether the chat template, EOS token and stop ids (generation_config) equal the reference's.
-A stage fails when its tokenizer metadata differs, when its answers differ, or when its logits
-move more than its tolerance: 1e-3 in fp32, the GGUF's by quantization (``GGUF_TOLERANCE``,
-relative to the largest |logit|; q8_0 and q4_0 answers may diverge without failing, as their
-rounding changes near-tied tokens).
+A stage fails when its tokenizer metadata differs, when its answers differ, or when its
+next-token distributions move more than its tolerance, a mean KL over the prompt positions:
+1e-6 nats in fp32, the GGUF's by quantization (``GGUF_TOLERANCE``); q8_0 and q4_0 answers may
+diverge without failing, as their rounding flips near-tied tokens.
 
 Prompts: the user turns of the adapter's eval data (``training_config.yaml``'s data.eval, chat
 or instruction rows), else a few built-in questions.
@@ -36,10 +36,10 @@ from lorakit.errors import LorakitError
 
 BUILTIN_PROMPTS = ["What is the capital of France?", "Give me one tip for writing clear code.",
                    "Explain what a kettle does in one sentence.", "Name three primary colors."]
-FP32_TOLERANCE = 1e-3
-# relative to the reference's largest |logit|: measured maxima on the built-in model are about
-# a fifth of these (f16 3e-4, q8_0 4e-3, q4_0 5e-2 of max |logit|)
-GGUF_TOLERANCE = {"F32": 1e-3, "F16": 2e-3, "BF16": 1e-2, "Q8_0": 3e-2, "Q4_0": 2.5e-1}
+FP32_TOLERANCE = 1e-6
+# mean KL (nats) per weight type; the measured values on the quickstart adapter of the built-in
+# model (5 eval prompts) are in the README: f16 ~1e-6, q8_0 ~1e-3, q4_0 ~4e-2
+GGUF_TOLERANCE = {"F32": 1e-6, "F16": 1e-4, "BF16": 1e-3, "Q8_0": 1e-2, "Q4_0": 0.15}
 EXACT_ANSWERS = {"F32", "F16"}
 
 
@@ -49,7 +49,8 @@ class StageResult:
     answers: list[str]
     tokens: list[list[int]] | None = None
     max_logit_diff: float | None = None
-    tolerance: float | None = None
+    kl: float | None = None
+    tolerance: float | None = None  # on the mean KL (nats)
     exact_required: bool = True
     metadata_problems: list[str] = field(default_factory=list)
     same_answers: int = 0
@@ -144,18 +145,29 @@ def compare(reference: StageResult, result: StageResult, reference_logits, logit
     if logits is not None and any(a.shape != b.shape for a, b in zip(reference_logits, logits)):
         result.failure = "the prompts tokenize to other lengths (another tokenizer or chat template)"
     elif logits is not None:
-        diffs = [float((a - b).abs().max()) for a, b in zip(reference_logits, logits)]
-        scale = max(float(a.abs().max()) for a in reference_logits)
-        result.max_logit_diff = max(diffs)
-        if result.tolerance is not None and result.max_logit_diff > result.tolerance * scale:
-            result.failure = (f"logits differ by up to {result.max_logit_diff:.3g}, beyond the tolerance "
-                              f"{result.tolerance:g} x max|logit| {scale:.3g}")
+        result.max_logit_diff = max(float((a - b).abs().max()) for a, b in zip(reference_logits, logits))
+        result.kl = mean_kl(reference_logits, logits)
+        if result.tolerance is not None and result.kl > result.tolerance:
+            result.failure = (f"next-token distributions differ by a mean KL of {result.kl:.3g}, beyond the "
+                              f"tolerance {result.tolerance:g}")
     if result.metadata_problems:
         result.failure = "; ".join(result.metadata_problems)
     elif result.exact_required and result.same_answers < len(reference.answers):
         result.failure = result.failure or (f"{len(reference.answers) - result.same_answers} of "
                                             f"{len(reference.answers)} answers differ")
     return result
+
+
+def mean_kl(reference_logits, logits) -> float:
+    """Mean over prompt positions of KL(p_ref || p) of the next-token distributions (nats):
+    0 for identical models, about 1e-5 for an f16 copy; a quantization's error in one number
+    (the max |Δlogit| above depends on vocabulary size and on logits nobody samples)."""
+    total, count = 0.0, 0
+    for a, b in zip(reference_logits, logits):
+        log_p, log_q = torch.log_softmax(a.double(), -1), torch.log_softmax(b.double(), -1)
+        total += float((log_p.exp() * (log_p - log_q)).sum())
+        count += a.shape[0]
+    return total / max(count, 1)
 
 
 def gguf_file_type(path: Path) -> str:
@@ -242,10 +254,11 @@ def _server_answer(url: str, model: str, messages: list[dict], max_tokens: int, 
 
 def report_table(results: list[StageResult], prompts) -> str:
     """The agreement table ``lorakit verify`` prints."""
-    lines = [f"{'stage':<14} {'same answers':>12} {'max |Δlogit|':>13}  template/EOS/stops  verdict"]
+    lines = [f"{'stage':<14} {'same answers':>12} {'max |Δlogit|':>13} {'mean KL':>9}  template/EOS/stops  verdict"]
     for r in results:
         diff = "-" if r.max_logit_diff is None else f"{r.max_logit_diff:.2e}"
+        kl = "-" if r.kl is None else f"{r.kl:.1e}"
         meta = "n/a" if r.stage in ("adapter", "server") else ("same" if not r.metadata_problems else "DIFFERENT")
         verdict = "reference" if r is results[0] else ("FAIL: " + r.failure if r.failure else "ok")
-        lines.append(f"{r.stage:<14} {r.same_answers:>5}/{len(prompts):<6} {diff:>13}  {meta:<18} {verdict}")
+        lines.append(f"{r.stage:<14} {r.same_answers:>5}/{len(prompts):<6} {diff:>13} {kl:>9}  {meta:<18} {verdict}")
     return "\n".join(lines)
