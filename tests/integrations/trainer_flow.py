@@ -2,8 +2,8 @@
 output embeddings (what made Trainer's full-model save fail), lorakit adapters on it, data, and
 the run every test makes: 4 optimizer steps with a checkpoint every 2, then ``save_model``.
 
-Also a script: ``python trainer_flow.py OUT`` runs that flow with transformers' Trainer and TRL's
-SFTTrainer and a resume of each (``test_no_peft`` runs it where peft cannot be imported).
+``main`` runs the whole flow with transformers' Trainer and TRL's SFTTrainer (``test_no_peft``
+runs it in a process where peft cannot be imported).
 """
 
 from __future__ import annotations
@@ -79,8 +79,9 @@ def chat_dataset(rows: int = 16) -> Dataset:
                               for i in range(rows)])
 
 
-def _flow(out: Path) -> None:
-    """Trainer and SFTTrainer: train with checkpoints, save, resume from checkpoint-2, compare."""
+def main(out: Path, tokenizer_dir: str) -> None:
+    """Trainer: train with checkpoints, save, resume from checkpoint-2 to the same adapter;
+    SFTTrainer: train with checkpoints and save. Asserts the adapter files are where they belong."""
     from transformers import AutoTokenizer
     from trl import SFTConfig
 
@@ -88,22 +89,24 @@ def _flow(out: Path) -> None:
     from lorakit.integrations.trl import SFTTrainer
 
     first = adapted_llama()
-    Trainer(model=first, args=run_args(out / "trainer"), train_dataset=token_dataset()).train()
+    trainer = Trainer(model=first, args=run_args(out / "trainer"), train_dataset=token_dataset())
+    trainer.train()
+    trainer.save_model()
     resumed = adapted_llama()
-    Trainer(model=resumed, args=run_args(out / "trainer"), train_dataset=token_dataset()).train(
+    Trainer(model=resumed, args=run_args(out / "resumed"), train_dataset=token_dataset()).train(
         resume_from_checkpoint=str(out / "trainer" / "checkpoint-2"))
     assert max_difference(adapter_values(first), adapter_values(resumed)) == 0.0
 
-    tokenizer = AutoTokenizer.from_pretrained(sys.argv[2])
-    base = dict(vocab_size=len(tokenizer), pad=tokenizer.pad_token_id, bos=tokenizer.bos_token_id,
-                eos=tokenizer.eos_token_id)
-    args = run_args(out / "sft", SFTConfig, max_length=64)
-    model = adapted_llama(**base)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=chat_dataset(), processing_class=tokenizer)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model = adapted_llama(vocab_size=len(tokenizer), pad=tokenizer.pad_token_id, bos=tokenizer.bos_token_id,
+                          eos=tokenizer.eos_token_id)
+    trainer = SFTTrainer(model=model, args=run_args(out / "sft", SFTConfig, max_length=64),
+                         train_dataset=chat_dataset(), processing_class=tokenizer)
     trainer.train()
     trainer.save_model()
-    print("saved", sorted(p.name for p in (out / "sft").iterdir()))
+    for directory in ("trainer", "trainer/checkpoint-2", "sft", "sft/checkpoint-2"):
+        assert (out / directory / "adapter_model.safetensors").is_file(), directory
 
 
 if __name__ == "__main__":
-    _flow(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2])

@@ -1,0 +1,51 @@
+"""lorakit models in TRL's trainers: ``SFTTrainer`` (and ``DPOTrainer``) that save, checkpoint and
+resume them in peft's layout, without peft.
+
+    from lorakit.integrations.trl import SFTTrainer
+    trainer = SFTTrainer(model=get_peft_model(base, LoraConfig(...)), args=SFTConfig(...),
+                         train_dataset=chat_rows, processing_class=tokenizer)
+
+Each class is TRL's own with ``lorakit.integrations.transformers.AdaptedModelTrainer`` in front (the
+files and resume; see that module for why the seam is there). One more thing differs for an
+adapted model and is handled here: SFTTrainer's default ``loss_type="chunked_nll"`` replaces the
+``forward`` of the model it is given with one that runs ``model.base_model`` (the decoder) and the
+output head in chunks. For a peft model TRL patches the causal LM inside (``get_base_model()``); it
+does not know a lorakit model is the same kind of wrapper and patches the wrapper, whose
+``base_model`` is the wrapper itself (peft's meaning), so the first step fails. ``SFTTrainer`` moves
+the patch onto the causal LM inside, as TRL does for peft: the adapters live in its module tree, so
+the chunked loss trains them as before.
+"""
+
+from __future__ import annotations
+
+import trl
+from trl.trainer import sft_trainer as _trl_sft
+
+from lorakit.adapters.contract import AdaptedModel
+from lorakit.integrations.transformers import with_adapters
+
+__all__ = ["DPOTrainer", "SFTTrainer"]
+
+
+def _move_chunked_loss_patch(trainer) -> None:
+    """Put TRL's chunked-loss ``forward`` on the inner causal LM instead of the adapted wrapper.
+
+    TRL assigns the patched forward as an instance attribute (``model.forward = ...``), so the
+    wrapper's own ``forward`` comes back by deleting it."""
+    model = trainer.model
+    if not isinstance(model, AdaptedModel) or "forward" not in vars(model):
+        return
+    del model.forward
+    _trl_sft._patch_chunked_ce_lm_head(model.model, chunk_size=_trl_sft._CHUNKED_LM_HEAD_CHUNK_SIZE,
+                                       is_vlm=trainer._is_vlm)
+
+
+class SFTTrainer(with_adapters(trl.SFTTrainer)):
+    """TRL's ``SFTTrainer`` for lorakit models (module docstring); other models as in TRL."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _move_chunked_loss_patch(self)
+
+
+DPOTrainer = with_adapters(trl.DPOTrainer)
