@@ -1,4 +1,4 @@
-"""lorakit models in TRL's trainers: ``SFTTrainer`` (and ``DPOTrainer``) that save, checkpoint and
+"""lorakit models in TRL's trainers: ``SFTTrainer`` and ``DPOTrainer`` that save, checkpoint and
 resume them in peft's layout, without peft.
 
     from lorakit.integrations.trl import SFTTrainer
@@ -14,17 +14,26 @@ does not know a lorakit model is the same kind of wrapper and patches the wrappe
 ``base_model`` is the wrapper itself (peft's meaning), so the first step fails. ``SFTTrainer`` moves
 the patch onto the causal LM inside, as TRL does for peft: the adapters live in its module tree, so
 the chunked loss trains them as before.
+
+``DPOTrainer`` needs a reference model. With a peft model TRL uses the model itself with its
+adapter switched off (or a frozen copy of an adapter it was given); without one it loads a
+second full model from ``model.config``'s name. For a lorakit model the reference is
+``AdapterOffReference``: the model being trained, called with its adapters disabled, so the
+reference costs no memory and is exactly the base (``AdaptedModel.disable_adapter``). An adapter
+that starts trained (not B = 0) therefore has the base as its reference, not its starting
+point; pass ``ref_model=`` to choose another.
 """
 
 from __future__ import annotations
 
 import trl
+from torch import nn
 from trl.trainer import sft_trainer as _trl_sft
 
 from lorakit.adapters.contract import AdaptedModel
 from lorakit.integrations.transformers import with_adapters
 
-__all__ = ["DPOTrainer", "SFTTrainer"]
+__all__ = ["AdapterOffReference", "DPOTrainer", "SFTTrainer"]
 
 
 def _move_chunked_loss_patch(trainer) -> None:
@@ -48,4 +57,29 @@ class SFTTrainer(with_adapters(trl.SFTTrainer)):
         _move_chunked_loss_patch(self)
 
 
-DPOTrainer = with_adapters(trl.DPOTrainer)
+class AdapterOffReference(nn.Module):
+    """A DPO reference model that is the adapted model with its adapters disabled.
+
+    forward(**batch) = model(**batch) inside ``model.disable_adapter()``: the base model's output,
+    computed by the same modules (no second copy). The adapted model is held outside this module's
+    tree (in a tuple), so what a trainer does to its reference model (``eval()``, ``to(device)``,
+    turning dropout off, freezing its parameters) never reaches the model being trained."""
+
+    def __init__(self, model: AdaptedModel):
+        super().__init__()
+        self._adapted = (model,)
+
+    def forward(self, *args, **kwargs):
+        model = self._adapted[0]
+        with model.disable_adapter():
+            return model(*args, **kwargs)
+
+
+class DPOTrainer(with_adapters(trl.DPOTrainer)):
+    """TRL's ``DPOTrainer`` for lorakit models: the reference is the model with its adapters off
+    unless ``ref_model`` is given (module docstring); other models as in TRL."""
+
+    def __init__(self, model, ref_model=None, *args, **kwargs):
+        if ref_model is None and isinstance(model, AdaptedModel):
+            ref_model = AdapterOffReference(model)
+        super().__init__(model, ref_model, *args, **kwargs)
