@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from trainer_flow import (ADAPTERS, STEPS, adapted_llama, adapter_values, max_difference, run_args, tied_llama,
                           token_dataset)
 
-from lorakit import LorakitError, load_adapter
+from lorakit import (AdaLoraConfig, BottleneckConfig, FullConfig, LorakitError, PrefixTuningConfig, get_peft_model,
+                     load_adapter)
 from lorakit.integrations.transformers import Trainer, with_adapters
 
 PEFT_FILES = {"adapter_config.json", "adapter_model.safetensors"}
@@ -129,3 +130,37 @@ def test_with_adapters_refuses_what_is_not_a_trainer():
     with pytest.raises(LorakitError, match="transformers.Trainer or a subclass"):
         with_adapters(dict)
     assert with_adapters(transformers.Trainer) is Trainer
+
+
+OTHER_METHODS = {
+    # AdaLoRA: rank allocation after every optimizer step (the contract's after_optimizer_step), its
+    # allocator state in checkpoints; the others: their own wrappers and files
+    "adalora": lambda: AdaLoraConfig(init_r=4, target_r=2, tinit=1, tfinal=1, deltaT=1, total_step=STEPS,
+                                     target_modules=["q_proj", "v_proj"]),
+    "prefix": lambda: PrefixTuningConfig(num_virtual_tokens=4),
+    "adapter": lambda: BottleneckConfig(reduction_factor=4),
+    "full": lambda: FullConfig(),
+}
+
+
+@pytest.mark.parametrize("method", list(OTHER_METHODS))
+def test_every_method_resumes_to_the_uninterrupted_result(method, tmp_path):
+    def run(output_dir, resume_from=None):
+        base = tied_llama()
+        torch.manual_seed(1)
+        model = get_peft_model(base, OTHER_METHODS[method]())
+        trainer = Trainer(model=model, args=run_args(output_dir), train_dataset=token_dataset())
+        trainer.train(resume_from_checkpoint=resume_from)
+        return trainer, {key: value.detach().clone() for key, value in model.trainable_tensors().items()}
+
+    trainer, finished = run(tmp_path / "run")
+    trainer.save_model()
+    _, resumed = run(tmp_path / "resumed", resume_from=str(tmp_path / "run" / "checkpoint-2"))
+    assert max_difference(resumed, finished) == 0.0
+    torch.manual_seed(1)
+    start = get_peft_model(tied_llama(), OTHER_METHODS[method]()).trainable_tensors()
+    assert max_difference(start, finished) > 1e-3
+    if method == "adalora":
+        assert (tmp_path / "run" / "checkpoint-2" / "method_state.pt").is_file()
+        kept = json.loads((tmp_path / "run" / "adapter_config.json").read_text())["rank_pattern"]
+        assert kept and all(sum(mask) == 2 for mask in kept.values())  # allocated down to target_r by step 4
