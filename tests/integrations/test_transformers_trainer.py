@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from trainer_flow import (ADAPTERS, STEPS, adapted_llama, adapter_values, max_difference, run_args, tied_llama,
                           token_dataset)
 
-from lorakit import (AdaLoraConfig, BottleneckConfig, FullConfig, LorakitError, PrefixTuningConfig, get_peft_model,
-                     load_adapter)
+from lorakit import (AdaLoraConfig, BottleneckConfig, FullConfig, LorakitError, PrefixTuningConfig, QLoraConfig,
+                     get_peft_model, load_adapter)
 from lorakit.integrations.transformers import Trainer, with_adapters
 
 PEFT_FILES = {"adapter_config.json", "adapter_model.safetensors"}
@@ -134,9 +134,10 @@ def test_with_adapters_refuses_what_is_not_a_trainer():
 
 OTHER_METHODS = {
     # AdaLoRA: rank allocation after every optimizer step (the contract's after_optimizer_step), its
-    # allocator state in checkpoints; the others: their own wrappers and files
+    # allocator state in checkpoints; QLoRA: a 4-bit base; the others: their own wrappers and files
     "adalora": lambda: AdaLoraConfig(init_r=4, target_r=2, tinit=1, tfinal=1, deltaT=1, total_step=STEPS,
                                      target_modules=["q_proj", "v_proj"]),
+    "qlora": lambda: QLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
     "prefix": lambda: PrefixTuningConfig(num_virtual_tokens=4),
     "adapter": lambda: BottleneckConfig(reduction_factor=4),
     "full": lambda: FullConfig(),

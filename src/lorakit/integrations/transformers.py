@@ -68,9 +68,10 @@ class AdaptedModelTrainer:
     ``AdaptedModel`` through its own files (see module docstring); any other model goes to the
     Trainer class behind it untouched. Use ``with_adapters(trainer_class)`` to build the class."""
 
+    _writing_checkpoint = False  # True only inside _save_checkpoint
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._writing_checkpoint = False
         model = self._adapted_model()
         if model is None:
             return
