@@ -98,12 +98,15 @@ def test_evaluate_reports_the_models_loss(tmp_path):
 
 def test_load_best_model_at_end_restores_the_best_checkpoints_adapter(tmp_path):
     # "best" = highest eval loss here, so the best checkpoint is not the last one (loss falls)
-    trainer, model = _train("lora", tmp_path, eval_dataset=token_dataset(rows=4), eval_strategy="steps", eval_steps=2, load_best_model_at_end=True,
+    trainer, model = _train("lora", tmp_path, eval_dataset=token_dataset(rows=4), eval_strategy="steps", eval_steps=2,
+                            load_best_model_at_end=True,
                             metric_for_best_model="eval_loss", greater_is_better=True)
     best = trainer.state.best_model_checkpoint
     assert best is not None and best.endswith("checkpoint-2")
     saved = load_file(f"{best}/adapter_model.safetensors")
     assert max_difference(adapter_values(model), saved) == 0.0
+    last = load_file(tmp_path / f"checkpoint-{STEPS}" / "adapter_model.safetensors")
+    assert max_difference(adapter_values(model), last) > 1e-4  # it really went back to step 2
 
 
 def test_plain_transformers_model_keeps_trainers_own_path(tmp_path):

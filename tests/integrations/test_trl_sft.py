@@ -16,7 +16,7 @@ from trainer_flow import (ADAPTERS, STEPS, adapted_llama, adapter_values, chat_d
                           tied_llama)
 from trl import SFTConfig
 
-from lorakit import load_adapter
+from lorakit import LoraConfig, LorakitError, get_peft_model, load_adapter
 from lorakit.integrations.trl import SFTTrainer
 
 
@@ -87,3 +87,24 @@ def test_sft_trains_as_trl_does_with_a_peft_adapter(tmp_path, smol_tokenizer, vo
         return [row["loss"] for row in trainer.state.log_history if "loss" in row]
     assert len(losses(our_run)) == STEPS
     assert losses(our_run) == pytest.approx(losses(their_run), abs=1e-5)
+
+
+@pytest.mark.parametrize("head", ["lora", "modules_to_save"])
+def test_chunked_loss_refuses_an_adapted_output_head(head, tmp_path, smol_tokenizer, vocab):
+    """The chunked loss multiplies by lm_head.weight itself and would skip an adapter on the head:
+    one clear error at construction; the plain loss trains the head's adapter."""
+    settings = dict(r=4, lora_alpha=8, lora_dropout=0.0,
+                    target_modules=["q_proj", "lm_head"] if head == "lora" else ["q_proj"],
+                    modules_to_save=["lm_head"] if head == "modules_to_save" else None)
+
+    def build(**extra):
+        model = get_peft_model(tied_llama(**vocab), LoraConfig(**settings))
+        return SFTTrainer(model=model, args=run_args(tmp_path, SFTConfig, max_length=64, **extra),
+                          train_dataset=chat_dataset(), processing_class=smol_tokenizer)
+    with pytest.raises(LorakitError, match="loss_type='nll'"):
+        build()
+    trainer = build(loss_type="nll", max_steps=1, save_strategy="no")
+    before = {k: v for k, v in adapter_values(trainer.model).items() if ".lm_head." in k}
+    trainer.train()
+    after = {k: v for k, v in adapter_values(trainer.model).items() if ".lm_head." in k}
+    assert before and max_difference(before, after) > 0  # the head's adapter trained

@@ -13,7 +13,8 @@ output head in chunks. For a peft model TRL patches the causal LM inside (``get_
 does not know a lorakit model is the same kind of wrapper and patches the wrapper, whose
 ``base_model`` is the wrapper itself (peft's meaning), so the first step fails. ``SFTTrainer`` moves
 the patch onto the causal LM inside, as TRL does for peft: the adapters live in its module tree, so
-the chunked loss trains them as before.
+the chunked loss trains them as before (an adapted output head is refused, as TRL refuses it for
+peft: the chunked loss reads ``lm_head.weight`` itself).
 
 ``DPOTrainer`` needs a reference model. With a peft model TRL uses the model itself with its
 adapter switched off (or a frozen copy of an adapter it was given); without one it loads a
@@ -30,8 +31,10 @@ import trl
 from torch import nn
 from trl.trainer import sft_trainer as _trl_sft
 
-from lorakit.adapters.contract import AdaptedModel
+from lorakit.adapters.contract import AdaptedModel, AdapterLayer
+from lorakit.errors import LorakitError
 from lorakit.integrations.transformers import with_adapters
+from lorakit.models.modules_to_save import ModulesToSaveWrapper
 
 __all__ = ["AdapterOffReference", "DPOTrainer", "SFTTrainer"]
 
@@ -45,6 +48,11 @@ def _move_chunked_loss_patch(trainer) -> None:
     if not isinstance(model, AdaptedModel) or "forward" not in vars(model):
         return
     del model.forward
+    head = model.model.get_output_embeddings()
+    if isinstance(head, (AdapterLayer, ModulesToSaveWrapper)):
+        # TRL refuses this for peft too: the chunked loss multiplies by lm_head.weight itself
+        raise LorakitError("SFTTrainer's loss_type='chunked_nll' reads the output head's weight directly and would "
+                           "skip the adapter on lm_head; set SFTConfig(loss_type='nll') or leave lm_head unadapted")
     _trl_sft._patch_chunked_ce_lm_head(model.model, chunk_size=_trl_sft._CHUNKED_LM_HEAD_CHUNK_SIZE,
                                        is_vlm=trainer._is_vlm)
 
