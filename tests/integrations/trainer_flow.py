@@ -3,7 +3,8 @@ output embeddings (what made Trainer's full-model save fail), lorakit adapters o
 the run every test makes: 4 optimizer steps with a checkpoint every 2, then ``save_model``.
 
 ``main`` runs the whole flow with transformers' Trainer and TRL's SFTTrainer (``test_no_peft``
-runs it in a process where peft cannot be imported).
+runs it in a process where peft cannot be imported); ``python trainer_flow.py ddp OUT [CHECKPOINT]``
+under torchrun is one process of a DDP run (``test_trainer_ddp``).
 """
 
 from __future__ import annotations
@@ -108,5 +109,24 @@ def main(out: Path, tokenizer_dir: str) -> None:
         assert (out / directory / "adapter_model.safetensors").is_file(), directory
 
 
+def ddp_main(out: Path, resume_from: str | None) -> None:
+    """One process of a DDP run (under torchrun): 4 steps of batch 1 per process, checkpoints,
+    save_model; rank 0 writes the final adapter to ``out/final_adapter.pt``."""
+    import torch.distributed as dist
+
+    from lorakit.integrations.transformers import Trainer
+
+    model = adapted_llama()
+    trainer = Trainer(model=model, args=run_args(out, per_device_train_batch_size=1), train_dataset=token_dataset())
+    trainer.train(resume_from_checkpoint=resume_from)
+    trainer.save_model()
+    assert type(trainer.model_wrapped).__name__ == "DistributedDataParallel"
+    if dist.get_rank() == 0:
+        torch.save(adapter_values(model), out / "final_adapter.pt")
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2])
+    if sys.argv[1] == "ddp":
+        ddp_main(Path(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None)
+    else:
+        main(Path(sys.argv[1]), sys.argv[2])
