@@ -89,3 +89,20 @@ def test_dpo_checkpoints_save_and_resume(tmp_path, smol_tokenizer, vocab):
     resumed = adapted_llama("lora", **vocab)
     _dpo(resumed, smol_tokenizer, tmp_path / "resumed", resume_from=out / "checkpoint-2")
     assert max_difference(adapter_values(resumed), adapter_values(model)) <= 1e-6
+
+
+def test_precomputed_reference_log_probs_give_the_same_run(tmp_path, smol_tokenizer, vocab):
+    """precompute_ref_log_probs=True runs the reference once over the data before training; the
+    adapter-off reference then gives the same losses and adapter as computing it every step."""
+    runs = []
+    for precompute in (False, True):
+        model = adapted_llama("lora", **vocab)
+        args = run_args(tmp_path / str(precompute), DPOConfig, max_length=64, save_strategy="no",
+                        precompute_ref_log_probs=precompute)
+        trainer = DPOTrainer(model=model, args=args, train_dataset=_preferences(), processing_class=smol_tokenizer)
+        trainer.train()
+        runs.append((_losses(trainer), adapter_values(model)))
+    (losses, adapter), (precomputed_losses, precomputed_adapter) = runs
+    assert precomputed_losses == pytest.approx(losses, abs=1e-6)
+    assert max_difference(precomputed_adapter, adapter) <= 1e-6
+    assert losses[-1] != pytest.approx(0.693147, abs=1e-5)  # the reference is not the moving policy (loss ln 2)
