@@ -123,10 +123,14 @@ def test_resume_from_a_directory_without_an_adapter_is_one_clear_error(tmp_path)
         _train("lora", tmp_path / "run", resume_from=tmp_path / "checkpoint-2")
 
 
-def test_resume_from_another_adapters_checkpoint_names_the_tensor(tmp_path):
+def test_resume_from_another_adapters_checkpoint_names_the_tensor_and_changes_nothing(tmp_path):
     _train("lora", tmp_path / "lora")
+    model = adapted_llama("dora")
+    before = adapter_values(model)
+    trainer = Trainer(model=model, args=run_args(tmp_path / "dora"), train_dataset=token_dataset())
     with pytest.raises(LorakitError, match="lora_magnitude_vector"):
-        _train("dora", tmp_path / "dora", resume_from=tmp_path / "lora" / "checkpoint-2")
+        trainer.train(resume_from_checkpoint=str(tmp_path / "lora" / "checkpoint-2"))
+    assert max_difference(adapter_values(model), before) == 0.0
 
 
 def test_with_adapters_refuses_what_is_not_a_trainer():
