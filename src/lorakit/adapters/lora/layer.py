@@ -149,6 +149,10 @@ class LoraLayer(nn.Module):
         product in bf16, fp32 master weights); evaluation and generation keep the fp32 product."""
         if args or kwargs or self.disable_adapters or self.mixed_batch is not None:
             return None
+        if torch.is_autocast_enabled(x.device.type):
+            # autocast (transformers' Trainer with bf16=True, TRL's default) casts each op's inputs;
+            # the fused function's in-place addmm would mix its bf16 product with the fp32 factors
+            return None
         names = pending_adapters(self)
         if len(names) != 1 or not self.variants[names[0]].fusable:
             return None
