@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lorakit.server.app import _under_root
+from lorakit.server.adapter_paths import under_root as _under_root
 from lorakit.server.protocol import ApiError, Limits, parse_sampling
 
 

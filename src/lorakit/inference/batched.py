@@ -6,10 +6,8 @@ token run the whole batch through the mixed-adapter path (``MultiAdapterModel.mi
 batch of rows over many adapters costs about one base forward per token. Rows that finish
 (EOS, stop string, max_new_tokens, cancelled) leave the batch and the KV cache at once.
 
-Sampling per row: temperature 0 (below ``GREEDY_BELOW``) -> greedy (argmax); otherwise
-softmax(logits / T) restricted to the smallest set of tokens whose probability reaches top_p
-(nucleus sampling, Holtzman et al. 2020; the most probable token is always in it), drawn with
-the row's own generator (``seed``).
+Sampling per row (greedy, or temperature and nucleus with the row's own seed) is
+``lorakit.inference.sampling``: one pass for the whole batch.
 """
 
 from __future__ import annotations
@@ -19,9 +17,7 @@ from typing import Callable, Sequence
 
 import torch
 
-# Temperatures below this sample greedily, as vLLM does: softmax(logits / T) is already one-hot
-# there, and a T that rounds to 0 in float32 (5e-324) would divide the logits by zero.
-GREEDY_BELOW = 1e-5
+from lorakit.inference.sampling import choose_tokens, new_generator
 
 
 @dataclass
@@ -88,24 +84,6 @@ class _Row:
         self.emitted = max(self.emitted, visible)
 
 
-def _choose_tokens(logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
-    """(B, V) last-position logits -> (B,) next tokens, greedy or sampled per row."""
-    tokens = logits.argmax(-1)
-    for i, row in enumerate(rows):
-        request = row.request
-        if request.temperature < GREEDY_BELOW:
-            continue
-        probs = torch.softmax(logits[i].float() / request.temperature, dim=-1)  # (V,)
-        if request.top_p < 1.0:
-            sorted_probs, order = probs.sort(descending=True)
-            outside = sorted_probs.cumsum(-1) - sorted_probs >= request.top_p  # mass before it reached top_p
-            outside[0] = False  # a top_p under float32's range (5e-324 -> 0.0) would leave no token at all
-            sorted_probs[outside] = 0.0
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        tokens[i] = torch.multinomial(probs, 1, generator=row.generator)[0]
-    return tokens
-
-
 def eos_token_ids(model, tokenizer) -> set[int]:
     """EOS ids from the generation config (may be a list) and the tokenizer."""
     ids = set()
@@ -133,13 +111,7 @@ def generate_batch(multi, tokenizer, requests: Sequence[GenerationRequest]) -> l
     model = multi.model
     device = next(model.parameters()).device
     eos_ids = eos_token_ids(model, tokenizer)
-    rows = []
-    for request in requests:
-        generator = None
-        if request.temperature > 0:
-            generator = torch.Generator(device=device)
-            generator.manual_seed(request.seed if request.seed is not None else torch.seed())
-        rows.append(_Row(request, generator))
+    rows = [_Row(r, new_generator(r.temperature, r.seed, device)) for r in requests]
     width = max(len(r.prompt_ids) for r in requests)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     input_ids = torch.full((len(requests), width), pad, dtype=torch.long, device=device)
@@ -156,7 +128,9 @@ def generate_batch(multi, tokenizer, requests: Sequence[GenerationRequest]) -> l
                        logits_to_keep=1, **{cache_arg: cache}).logits[:, -1]  # (B, V)
         next_pos = positions[:, -1] + 1
         while True:
-            tokens = _choose_tokens(logits, [rows[i] for i in active])
+            chosen = [rows[i] for i in active]
+            tokens = choose_tokens(logits, [r.request.temperature for r in chosen], [r.request.top_p for r in chosen],
+                                   [r.generator for r in chosen])
             for i, token in zip(active, tokens.tolist()):
                 rows[i].push(token, tokenizer, eos_ids)
             keep = [k for k, i in enumerate(active) if rows[i].finish_reason is None]

@@ -42,6 +42,10 @@ class Job:
     def fail(self, error: Exception) -> None:
         self._send("error", error)
 
+    def cancel(self) -> None:
+        """The client is gone (or has its answer): the row leaves the batch at the next step."""
+        self.cancelled = True
+
 
 class BatchingEngine:
     def __init__(self, multi, tokenizer, max_batch: int = 32, batch_window_s: float = 0.01):
@@ -54,6 +58,21 @@ class BatchingEngine:
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="lorakit-generate", daemon=True)
         self._thread.start()
+
+    # --- what the routes need --------------------------------------------------------
+    @property
+    def adapter_names(self) -> list[str]:
+        return self.multi.adapter_names
+
+    @property
+    def context_length(self) -> int | None:
+        """The model's context in tokens (None when its config does not say)."""
+        config = self.multi.model.config
+        return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
 
     # --- called from request handlers -------------------------------------------------
     def submit(self, request: GenerationRequest) -> Job:

@@ -59,7 +59,7 @@ def serve(model: str, adapters: dict[str, str] | None = None, host: str = "127.0
     app, engine = build_app(model, adapters, api_key=api_key, limits=limits, **kwargs)
     if api_key is None and not _is_loopback(host):
         print(f"lorakit: warning: serving on {host} without an API key; anyone who can reach it can use it")
-    names = ", ".join([kwargs.get("served_model_name") or model] + engine.multi.adapter_names)
+    names = ", ".join([kwargs.get("served_model_name") or model] + engine.adapter_names)
     print(f"lorakit: serving {names} on http://{host}:{port}/v1")
     try:
         uvicorn.Server(uvicorn_config(app, limits, host=host, port=port, log_level="warning")).run()
