@@ -1,13 +1,11 @@
-"""Batched generation across adapters with a KV cache: the engine under the server.
+"""Requests, results and per-row decoding state of batched generation across adapters.
 
 Each request brings its prompt tokens, adapter (None: the base), sampling settings and stop
-strings. Prompts are left-padded into one batch; one prefill and then one decode step per
-token run the whole batch through the mixed-adapter path (``MultiAdapterModel.mixed``), so a
-batch of rows over many adapters costs about one base forward per token. Rows that finish
-(EOS, stop string, max_new_tokens, cancelled) leave the batch and the KV cache at once.
-
-Sampling per row (greedy, or temperature and nucleus with the row's own seed) is
-``lorakit.inference.sampling``: one pass for the whole batch.
+strings. ``generate_batch`` runs a list of them to the end with the continuous batcher that
+also serves ``lorakit serve`` (``lorakit.inference.continuous``): each prompt prefilled alone,
+then one decode step per token for all rows through the mixed-adapter path, so a batch over
+many adapters costs about one base forward per token. Rows that finish (EOS, stop string,
+max_new_tokens, cancelled) leave the batch and the KV cache at once.
 """
 
 from __future__ import annotations
@@ -16,8 +14,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
-
-from lorakit.inference.sampling import choose_tokens, new_generator
 
 
 @dataclass
@@ -43,7 +39,7 @@ class GenerationResult:
 
 
 @dataclass
-class _Row:
+class RowState:
     """The decoding state of one request: its tokens and how much text was already sent."""
 
     request: GenerationRequest
@@ -96,55 +92,25 @@ def eos_token_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def _cache_keyword(model) -> str:
+def cache_keyword(model) -> str:
     """transformers >= 5.2x names the KV cache argument ``cache`` (``past_key_values`` before)."""
     import inspect
 
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-@torch.inference_mode()
-def generate_batch(multi, tokenizer, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-    """Generate for every request in one batch (see module docstring); results in request order."""
-    from transformers import DynamicCache
+def result_of(row: RowState) -> GenerationResult:
+    return GenerationResult(row.text, row.tokens, row.finish_reason, len(row.request.prompt_ids))
 
-    model = multi.model
-    device = next(model.parameters()).device
-    eos_ids = eos_token_ids(model, tokenizer)
-    rows = [_Row(r, new_generator(r.temperature, r.seed, device)) for r in requests]
-    width = max(len(r.prompt_ids) for r in requests)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((len(requests), width), pad, dtype=torch.long, device=device)
-    mask = torch.zeros_like(input_ids)
-    for b, request in enumerate(requests):  # left padding: the last column is every row's last token
-        input_ids[b, width - len(request.prompt_ids):] = torch.tensor(request.prompt_ids, device=device)
-        mask[b, width - len(request.prompt_ids):] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache(config=model.config)
-    cache_arg = _cache_keyword(model)
-    active = list(range(len(rows)))
-    with multi.mixed([r.adapter for r in requests]) as row_ids:
-        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                       logits_to_keep=1, **{cache_arg: cache}).logits[:, -1]  # (B, V)
-        next_pos = positions[:, -1] + 1
-        while True:
-            chosen = [rows[i] for i in active]
-            tokens = choose_tokens(logits, [r.request.temperature for r in chosen], [r.request.top_p for r in chosen],
-                                   [r.generator for r in chosen])
-            for i, token in zip(active, tokens.tolist()):
-                rows[i].push(token, tokenizer, eos_ids)
-            keep = [k for k, i in enumerate(active) if rows[i].finish_reason is None]
-            if not keep:
-                break
-            if len(keep) < len(active):  # finished rows leave the batch and the KV cache
-                index = torch.tensor(keep, device=device)
-                cache.batch_select_indices(index)
-                mask, next_pos, tokens = mask[index], next_pos[index], tokens[index]
-                if row_ids is not None:
-                    row_ids.select(index)
-                active = [active[k] for k in keep]
-            mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
-            logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                           use_cache=True, **{cache_arg: cache}).logits[:, -1]
-            next_pos = next_pos + 1
-    return [GenerationResult(r.text, r.tokens, r.finish_reason, len(r.request.prompt_ids)) for r in rows]
+
+def generate_batch(multi, tokenizer, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+    """Generate for every request as one batch (all rows join at the first step); results in request order."""
+    from lorakit.inference.continuous import ContinuousBatcher
+
+    batcher = ContinuousBatcher(multi, tokenizer, max_rows=max(1, len(requests)))
+    rows = [batcher.new_row(request) for request in requests]
+    joining = rows
+    while joining or batcher.running:
+        batcher.step(joining)
+        joining = []
+    return [result_of(row) for row in rows]

@@ -239,26 +239,38 @@ class _RowModules:
         return out
 
 
+class MixedRows:
+    """The per-row callables of one running batch, kept across forwards: a generation loop
+    changes ``rows`` when rows join or leave, and installs the callables on the model only for
+    its own forwards (``installed()``), so the model is a plain multi-adapter model in between
+    and each layer gathers its rows' weights once per row set, not once per step."""
+
+    def __init__(self, stacks: AdapterStacks, ids: torch.Tensor):
+        self.stacks = stacks
+        self.rows = RowIds(ids.to(stacks.layers[0].A_t.device) if stacks.layers else ids)
+        self.hooks = [(s.layer, _RowLora(s, self.rows)) for s in stacks.layers]
+        self.hooks += [(s.wrapper, _RowModules(s, self.rows)) for s in stacks.wrappers]
+
+    @contextmanager
+    def installed(self):
+        modules = [module for module, _ in self.hooks]
+        if any("mixed_batch" in module.__dict__ for module in modules):
+            raise LorakitError("a mixed-adapter batch is already running on this model; run batches one at a time")
+        try:
+            for module, hook in self.hooks:
+                module.mixed_batch = hook
+            yield self.rows
+        finally:
+            for module in modules:
+                module.__dict__.pop("mixed_batch", None)
+
+
 @contextmanager
 def mixed_adapters(stacks: AdapterStacks, row_adapters: Sequence[str | None] | torch.Tensor):
     """Inside this context every forward of the model uses row b's own adapter.
 
     ``row_adapters``: one adapter name (or None for the base) per batch row, or a tensor of
     slot ids. Yields the ``RowIds`` so a generation loop can change the rows it runs."""
-    if isinstance(row_adapters, torch.Tensor):
-        ids = row_adapters.long()
-    else:
-        ids = stacks.slot_ids(row_adapters)
-    modules = [s.layer for s in stacks.layers] + [w.wrapper for w in stacks.wrappers]
-    if any("mixed_batch" in module.__dict__ for module in modules):
-        raise LorakitError("a mixed-adapter batch is already running on this model; run batches one at a time")
-    rows = RowIds(ids.to(stacks.layers[0].A_t.device) if stacks.layers else ids)
-    try:
-        for stack in stacks.layers:
-            stack.layer.mixed_batch = _RowLora(stack, rows)
-        for stack in stacks.wrappers:
-            stack.wrapper.mixed_batch = _RowModules(stack, rows)
+    ids = row_adapters.long() if isinstance(row_adapters, torch.Tensor) else stacks.slot_ids(row_adapters)
+    with MixedRows(stacks, ids).installed() as rows:
         yield rows
-    finally:
-        for module in modules:
-            module.__dict__.pop("mixed_batch", None)

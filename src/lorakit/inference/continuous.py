@@ -1,0 +1,190 @@
+"""Continuous batching across adapters: rows join and leave a running batch at every step.
+
+One ``step(joining)``:
+
+    1. rows whose client is gone (``is_cancelled``) leave at once;
+    2. one decode forward for the n running rows: input (n, 1) = each row's last token, at its
+       own position; K, V written into the preallocated ``SlotKVCache``; each row through its
+       own adapter (``MixedRows``: weights gathered once per row set, not per step);
+    3. each joining request is prefilled alone (its prompt (1, p) through its adapter, with a
+       transformers DynamicCache copied into its cache row) and appended as row n, n+1, ...;
+    4. one sampling pass (``lorakit.inference.sampling``) over the (n + joined, V) logits;
+    5. every row takes its token (text streamed, stop strings, EOS, length); finished rows
+       leave, the last row moving into each freed cache row.
+
+Rows are capped by ``max_rows`` and the cache by ``max_kv_bytes`` (``has_room`` tells a caller
+whether more requests fit, counting each as prompt + max_new_tokens positions). A row's
+logits equal that adapter alone, so greedy answers do not depend on what else runs.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from lorakit.errors import LorakitError
+from lorakit.inference.batched import GenerationRequest, RowState, cache_keyword, eos_token_ids
+from lorakit.inference.kv_slots import SlotKVCache, kv_layout
+from lorakit.inference.mixed import MixedRows
+from lorakit.inference.sampling import choose_tokens, new_generator
+
+DEFAULT_MAX_KV_BYTES = 1 << 30
+
+
+def reserved_positions(request: GenerationRequest) -> int:
+    """Cache positions a request may fill: its prompt and every token it may generate."""
+    return len(request.prompt_ids) + request.max_new_tokens
+
+
+@dataclass
+class _Running:
+    state: RowState
+    length: int  # positions written in the cache row
+    reserved: int
+    token: int | None = None  # the last sampled token, the next decode input
+
+
+class ContinuousBatcher:
+    """The running batch over ``multi`` (a MultiAdapterModel); see module docstring. Not
+    thread-safe: one caller steps it (the server's worker thread, under the engine's lock)."""
+
+    def __init__(self, multi, tokenizer, max_rows: int = 32, max_kv_bytes: int = DEFAULT_MAX_KV_BYTES):
+        self.multi, self.tokenizer = multi, tokenizer
+        self.model = multi.model
+        self.device = next(self.model.parameters()).device
+        self.max_rows, self.max_kv_bytes = max_rows, max_kv_bytes
+        self.eos_ids = eos_token_ids(self.model, tokenizer)
+        self.cache_arg = cache_keyword(self.model)
+        self.rows: list[_Running] = []
+        self.cache: SlotKVCache | None = None
+        self.steps = 0
+        self._rows_version = 0  # bumped when the decoding rows change
+        self._decode_mixed: tuple = (None, None)  # (key, MixedRows)
+
+    @property
+    def running(self) -> int:
+        return len(self.rows)
+
+    def new_row(self, request: GenerationRequest) -> RowState:
+        return RowState(request, new_generator(request.temperature, request.seed, self.device))
+
+    # --- admission ----------------------------------------------------------------------
+    def _kv_cache(self) -> SlotKVCache:
+        """The cache, created with the layout of a one-token probe forward the first time."""
+        if self.cache is None:
+            from transformers import DynamicCache
+
+            probe = DynamicCache(config=self.model.config)
+            with torch.inference_mode(), self.multi.disable_adapter():
+                self.model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device), use_cache=True,
+                           logits_to_keep=1, **{self.cache_arg: probe})
+            self.cache = SlotKVCache(kv_layout(probe), self.device, self.max_kv_bytes)
+        return self.cache
+
+    def has_room(self, joining: Sequence[GenerationRequest]) -> bool:
+        """Whether ``joining`` fits beside the running rows: rows <= max_rows and the cache for
+        (rows x longest reservation) within max_kv_bytes."""
+        rows = len(self.rows) + len(joining)
+        positions = max([r.reserved for r in self.rows] + [reserved_positions(q) for q in joining], default=0)
+        return rows <= self.max_rows and self._kv_cache().fits(rows, positions)
+
+    def fits_alone(self, request: GenerationRequest) -> bool:
+        return self._kv_cache().fits(1, reserved_positions(request))
+
+    # --- one step -----------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self, joining: Sequence[RowState] = ()) -> list[RowState]:
+        """Decode the running rows, prefill ``joining``, sample, push; the rows that finished."""
+        finished = self._leave([i for i, row in enumerate(self.rows) if _cancelled(row.state)], "cancelled")
+        if not self.rows and not joining:
+            return finished
+        if not self.has_room([row.request for row in joining]):
+            raise LorakitError(f"{len(joining)} joining rows do not fit beside {len(self.rows)} running ones "
+                               f"(max_rows {self.max_rows}, KV cap {self.max_kv_bytes} bytes)")
+        logits = [self._decode()] if self.rows else []
+        logits += [self._prefill(state) for state in joining]
+        logits = torch.cat(logits)  # (rows, V)
+        states = [row.state for row in self.rows]
+        tokens = choose_tokens(logits, [s.request.temperature for s in states], [s.request.top_p for s in states],
+                               [s.generator for s in states])
+        for row, token in zip(self.rows, tokens.tolist()):
+            row.token = token
+            row.state.push(token, self.tokenizer, self.eos_ids)
+        self.steps += 1
+        return finished + self._leave([i for i, row in enumerate(self.rows) if row.state.finish_reason], None)
+
+    def reset(self) -> list[RowState]:
+        """Drop every row (after a failed step); the states that were running."""
+        states = [row.state for row in self.rows]
+        self.rows = []
+        self._rows_version += 1
+        return states
+
+    def _leave(self, indices: list[int], reason: str | None) -> list[RowState]:
+        """Rows ``indices`` leave; the last row moves into each freed cache row."""
+        left = []
+        for i in sorted(indices, reverse=True):
+            row, last = self.rows[i], len(self.rows) - 1
+            if reason is not None:
+                row.state.finish_reason = reason
+            if i != last:
+                self.cache.move(last, i, self.rows[last].length)
+                self.rows[i] = self.rows[last]
+            self.rows.pop()
+            left.append(row.state)
+        if indices:
+            self._rows_version += 1
+        return left[::-1]
+
+    def _mixed(self, adapters: list[str | None], key=None):
+        """The installed per-row adapters for a forward of rows using ``adapters`` (a no-op
+        context when no adapter is loaded: the model is the base)."""
+        stacks = self.multi.stacks()
+        if stacks is None:
+            return nullcontext()
+        if key is None:
+            return MixedRows(stacks, stacks.slot_ids(adapters)).installed()
+        if self._decode_mixed[0] != (id(stacks), key):
+            self._decode_mixed = ((id(stacks), key), MixedRows(stacks, stacks.slot_ids(adapters)))
+        return self._decode_mixed[1].installed()
+
+    def _decode(self) -> torch.Tensor:
+        """One token for every running row: (n, V) logits."""
+        rows = self.rows
+        lengths = torch.tensor([row.length for row in rows], device=self.device)  # (n,)
+        tokens = torch.tensor([[row.token] for row in rows], device=self.device)  # (n, 1)
+        mask = self.cache.begin_decode(lengths)
+        try:
+            with self._mixed([row.state.request.adapter for row in rows], key=self._rows_version):
+                out = self.model(input_ids=tokens, attention_mask=mask, position_ids=lengths[:, None],
+                                 use_cache=True, **{self.cache_arg: self.cache})
+        finally:
+            self.cache.end_decode()
+        for row in rows:
+            row.length += 1
+        return out.logits[:, -1]
+
+    def _prefill(self, state: RowState) -> torch.Tensor:
+        """Run ``state``'s prompt alone and add it as the last row: (1, V) logits of its last position."""
+        from transformers import DynamicCache
+
+        prompt = state.request.prompt_ids
+        ids = torch.tensor([prompt], device=self.device)
+        prefill = DynamicCache(config=self.model.config)
+        with self._mixed([state.request.adapter]):
+            out = self.model(input_ids=ids, position_ids=torch.arange(len(prompt), device=self.device)[None],
+                             use_cache=True, logits_to_keep=1, **{self.cache_arg: prefill})
+        cache, row = self._kv_cache(), len(self.rows)
+        reserved = reserved_positions(state.request)
+        cache.ensure(row + 1, max([r.reserved for r in self.rows] + [reserved]), live=row)
+        cache.write_prompt(row, prefill)
+        self.rows.append(_Running(state, len(prompt), reserved))
+        self._rows_version += 1
+        return out.logits[:, -1]
+
+
+def _cancelled(state: RowState) -> bool:
+    return state.request.is_cancelled is not None and state.request.is_cancelled()

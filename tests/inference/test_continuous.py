@@ -1,0 +1,100 @@
+"""Continuous batching: rows join a running batch and leave it at any step, over every adapter
+kind; each row's tokens equal that adapter alone (greedy), whatever else runs beside it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_batched_generate import _Tokens
+from test_mixed_kinds import _save_kinds
+from tiny_models import tiny_model
+
+from lorakit.inference import MultiAdapterModel
+from lorakit.inference import continuous as continuous_module
+from lorakit.inference.batched import GenerationRequest
+from lorakit.inference.continuous import ContinuousBatcher
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def multi(request, tmp_path_factory):
+    dirs = _save_kinds(request.param, tmp_path_factory.mktemp(request.param))
+    multi = MultiAdapterModel(tiny_model(request.param))
+    for name, directory in dirs.items():
+        multi.add_adapter(name, directory)
+    multi.model.generation_config.eos_token_id = None
+    return multi
+
+
+def _alone(multi, prompt, adapter, n):
+    multi.set_adapter(adapter)
+    try:
+        ids = torch.tensor([prompt])
+        out = multi.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                   do_sample=False, pad_token_id=0, eos_token_id=None)
+    finally:
+        multi.set_adapter(None)
+    return out[0, len(prompt):].tolist()
+
+
+ARRIVALS = [  # (step it arrives at, prompt, adapter, max_new_tokens)
+    (0, [5, 9, 30, 41], "dora", 9), (0, [7, 8], None, 3), (2, [100, 3, 3, 60, 61, 62, 63], "mts", 6),
+    (3, [12], "ada", 5), (3, [50, 51, 52], "pissa", 7), (4, [9, 9, 9, 9, 9], "lora", 4), (8, [77, 6], "rslora", 5),
+]
+
+
+def test_rows_joining_and_leaving_a_running_batch_equal_each_alone(multi):
+    batcher = ContinuousBatcher(multi, _Tokens(), max_rows=3)
+    waiting = [(at, batcher.new_row(GenerationRequest(p, a, n))) for at, p, a, n in ARRIVALS]
+    rows = [state for _, state in waiting]
+    running, joined_at, step = [], {}, 0
+    while waiting or batcher.running:
+        arrived = [state for at, state in waiting if at <= step]
+        joining = []
+        for state in arrived:  # arrival order, as many as fit (the engine's rule)
+            if not batcher.has_room([s.request for s in joining] + [state.request]):
+                break
+            joining.append(state)
+        waiting = [(at, s) for at, s in waiting if s not in joining]
+        for state in joining:
+            joined_at[id(state)] = step
+        batcher.step(joining)
+        running.append(batcher.running)
+        step += 1
+    assert max(running) == 3  # the cap on rows held
+    assert joined_at[id(rows[2])] == 2 and joined_at[id(rows[0])] == 0  # joined while row 0 was mid-answer
+    for (_, prompt, adapter, n), state in zip(ARRIVALS, rows):
+        assert state.tokens == _alone(multi, prompt, adapter, n), adapter
+        assert state.finish_reason == "length"
+
+
+def test_a_cancelled_row_leaves_at_the_next_step(multi):
+    batcher = ContinuousBatcher(multi, _Tokens(), max_rows=4)
+    cancelled = []
+    quit_early = batcher.new_row(GenerationRequest([5, 6, 7], "dora", 50, is_cancelled=lambda: bool(cancelled)))
+    stays = batcher.new_row(GenerationRequest([5, 6, 7], "mts", 6))
+    batcher.step([quit_early, stays])
+    batcher.step()
+    cancelled.append(True)
+    left = batcher.step()
+    assert left == [quit_early] and quit_early.finish_reason == "cancelled" and batcher.running == 1
+    while batcher.running:
+        batcher.step()
+    assert stays.tokens == _alone(multi, [5, 6, 7], "mts", 6)
+
+
+def test_kv_cap_limits_rows_and_weights_are_gathered_once_per_row_set(multi, monkeypatch):
+    batcher = ContinuousBatcher(multi, _Tokens(), max_rows=8)
+    per_position = batcher._kv_cache().bytes_per_position
+    batcher.max_kv_bytes = batcher.cache.max_bytes = 2 * 20 * per_position  # two rows of 20 positions
+    request = GenerationRequest([1, 2, 3, 4], "dora", 16)  # 20 positions
+    assert batcher.has_room([request, request]) and not batcher.has_room([request] * 3)
+    assert batcher.fits_alone(request) and not batcher.fits_alone(GenerationRequest([1] * 30, "dora", 16))
+    built = []
+    original = continuous_module.MixedRows
+    monkeypatch.setattr(continuous_module, "MixedRows", lambda *a: built.append(1) or original(*a))
+    row = batcher.new_row(request)
+    batcher.step([row])  # one prefill (its own per-row set)
+    for _ in range(10):
+        batcher.step()  # the same rows: no new gather
+    assert len(built) == 2 and len(row.tokens) == 11
+    assert batcher.cache.rows * batcher.cache.positions * per_position <= batcher.max_kv_bytes
