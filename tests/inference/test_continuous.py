@@ -84,7 +84,7 @@ def test_a_cancelled_row_leaves_at_the_next_step(multi):
 
 def test_kv_cap_limits_rows_and_weights_are_gathered_once_per_row_set(multi, monkeypatch):
     batcher = ContinuousBatcher(multi, _Tokens(), max_rows=8)
-    per_position = batcher._kv_cache().bytes_per_position
+    per_position = batcher.kv_cache().bytes_per_position
     batcher.max_kv_bytes = batcher.cache.max_bytes = 2 * 20 * per_position  # two rows of 20 positions
     request = GenerationRequest([1, 2, 3, 4], "dora", 16)  # 20 positions
     assert batcher.has_room([request, request]) and not batcher.has_room([request] * 3)

@@ -72,7 +72,7 @@ class ContinuousBatcher:
         return RowState(request, new_generator(request.temperature, request.seed, self.device))
 
     # --- admission ----------------------------------------------------------------------
-    def _kv_cache(self) -> SlotKVCache:
+    def kv_cache(self) -> SlotKVCache:
         """The cache, created with the layout of a one-token probe forward the first time."""
         if self.cache is None:
             from transformers import DynamicCache
@@ -89,10 +89,10 @@ class ContinuousBatcher:
         (rows x longest reservation) within max_kv_bytes."""
         rows = len(self.rows) + len(joining)
         positions = max([r.reserved for r in self.rows] + [reserved_positions(q) for q in joining], default=0)
-        return rows <= self.max_rows and self._kv_cache().fits(rows, positions)
+        return rows <= self.max_rows and self.kv_cache().fits(rows, positions)
 
     def fits_alone(self, request: GenerationRequest) -> bool:
-        return self._kv_cache().fits(1, reserved_positions(request))
+        return self.kv_cache().fits(1, reserved_positions(request))
 
     # --- one step -----------------------------------------------------------------------
     @torch.inference_mode()
@@ -147,8 +147,9 @@ class ContinuousBatcher:
             return nullcontext()
         if key is None:
             return MixedRows(stacks, stacks.slot_ids(adapters)).installed()
-        if self._decode_mixed[0] != (id(stacks), key):
-            self._decode_mixed = ((id(stacks), key), MixedRows(stacks, stacks.slot_ids(adapters)))
+        version, mixed = self._decode_mixed
+        if mixed is None or mixed.stacks is not stacks or version != key:  # rows or adapters changed
+            self._decode_mixed = (key, MixedRows(stacks, stacks.slot_ids(adapters)))
         return self._decode_mixed[1].installed()
 
     def _decode(self) -> torch.Tensor:
@@ -177,7 +178,7 @@ class ContinuousBatcher:
         with self._mixed([state.request.adapter]):
             out = self.model(input_ids=ids, position_ids=torch.arange(len(prompt), device=self.device)[None],
                              use_cache=True, logits_to_keep=1, **{self.cache_arg: prefill})
-        cache, row = self._kv_cache(), len(self.rows)
+        cache, row = self.kv_cache(), len(self.rows)
         reserved = reserved_positions(state.request)
         cache.ensure(row + 1, max([r.reserved for r in self.rows] + [reserved]), live=row)
         cache.write_prompt(row, prefill)

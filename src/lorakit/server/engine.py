@@ -66,6 +66,7 @@ class BatchingEngine:
         self.tokenizer = tokenizer
         self.batch_window_s = batch_window_s
         self.batcher = ContinuousBatcher(multi, tokenizer, max_rows=max_batch, max_kv_bytes=max_kv_bytes)
+        self.batcher.kv_cache()  # its probe forward now, before any request or thread can race it
         self.lock = threading.Lock()
         self._changed = threading.Condition(self.lock)  # notified after every step (unload waits on it)
         self.peak_rows = 0  # the most rows one step ran (tests and logs)
