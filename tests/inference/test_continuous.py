@@ -98,3 +98,23 @@ def test_kv_cap_limits_rows_and_weights_are_gathered_once_per_row_set(multi, mon
         batcher.step()  # the same rows: no new gather
     assert len(built) == 2 and len(row.tokens) == 11
     assert batcher.cache.rows * batcher.cache.positions * per_position <= batcher.max_kv_bytes
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral", "gemma", "phi3"])
+def test_other_architectures_join_and_leave_exactly(arch, tmp_path):
+    """The slot cache and its 4D mask work wherever the model's attention calls cache.update."""
+    from test_mixed_batch import _save_adapters
+
+    multi = MultiAdapterModel(tiny_model(arch))
+    for name, directory in _save_adapters(arch, tmp_path).items():
+        multi.add_adapter(name, directory)
+    multi.model.generation_config.eos_token_id = None
+    batcher = ContinuousBatcher(multi, _Tokens(), max_rows=4)
+    first = batcher.new_row(GenerationRequest([5, 9, 30], "a", 6))
+    later = batcher.new_row(GenerationRequest([7, 8, 1, 2, 3], "c", 3))
+    batcher.step([first])
+    batcher.step()
+    batcher.step([later])
+    while batcher.running:
+        batcher.step()
+    assert first.tokens == _alone(multi, [5, 9, 30], "a", 6) and later.tokens == _alone(multi, [7, 8, 1, 2, 3], "c", 3)

@@ -67,3 +67,28 @@ def test_the_engine_gives_routes_what_they_need(tiny_server):
     engine = tiny_server.engine
     assert engine.context_length == 512 and engine.vocab_size == len(engine.tokenizer)
     assert engine.adapter_names[:len(TINY_FIXED)] == TINY_FIXED
+
+
+def test_an_adapter_mixed_batches_cannot_serve_is_refused_at_load_and_nothing_changes(tiny_server):
+    """An adapter training biases loads as a model but cannot mix (one shared bias): a 400 at
+    load time, and it is not left half-loaded (it used to break every later batch)."""
+    import shutil
+
+    from lorakit import LoraConfig, get_peft_model, load_model
+
+    model, _ = load_model(str(tiny_server.root.parent / "model"))
+    biased = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], bias="all"), "biased")
+    directory = tiny_server.root / "biased"
+    biased.save_pretrained(directory, selected_adapters=["biased"])
+    path = "biased/biased" if (directory / "biased").is_dir() else "biased"
+    try:
+        served = [m["id"] for m in httpx.get(tiny_server.url + "/v1/models", headers=AUTH).json()["data"]]
+        reply = httpx.post(tiny_server.url + "/v1/load_lora_adapter", headers=AUTH, timeout=60,
+                           json={"lora_name": "biased", "lora_path": path})
+        assert reply.status_code == 400 and "trains biases" in reply.json()["error"]["message"]
+        assert [m["id"] for m in httpx.get(tiny_server.url + "/v1/models", headers=AUTH).json()["data"]] == served
+        good = httpx.post(tiny_server.url + "/v1/completions", headers=AUTH, timeout=60,
+                          json={"model": TINY_FIXED[0], "prompt": "Hi", "max_tokens": 2})
+        assert good.status_code == 200
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

@@ -121,9 +121,15 @@ class BatchingEngine:
         self._thread.join(timeout=30)
 
     def load_adapter(self, name: str, directory: Path) -> None:
+        """Load ``name``; one that mixed batches cannot serve (a trained bias, a bottleneck
+        adapter) is unloaded again and refused, so the adapters served stay as they were."""
         with self.lock:
             self.multi.add_adapter(name, directory)
-            self.multi.stacks()  # build the mixed-batch stacks now (DoRA's scales too), not in a step
+            try:
+                self.multi.stacks()  # build the mixed-batch stacks now (DoRA's scales too), not in a step
+            except LorakitError:
+                self.multi.delete_adapter(name)
+                raise
 
     def unload_adapter(self, name: str) -> None:
         """Unload ``name`` once no running row uses it; rows for it that have not started get a 404."""
