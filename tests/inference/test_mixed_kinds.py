@@ -123,3 +123,16 @@ def test_batched_generation_with_dora_and_modules_to_save_rows_equals_each_alone
                                max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
         multi.set_adapter(None)
         assert torch.equal(out[b], alone[0]), name
+
+
+@pytest.mark.parametrize("rows", [["dora"] * 4, ["dora"] * 4 + [None, "rslora", "rslora", "rslora"],
+                                  ["ada"] * 8 + ["mts"] * 4 + [None] * 4])
+def test_rows_sharing_few_adapters_side_by_side_equal_each_alone(multi, rows):
+    """Many rows over few adapters take the side-by-side form (each adapter read once per step,
+    rows masked to their own block); the test above, with few rows per adapter, the per-row form."""
+    assert len({r for r in rows if r}) * mixed_module._SIDE_BY_SIDE_MIN_ROWS_PER_ADAPTER <= len(rows)
+    ids = sample_input_ids(batch=len(rows), length=5, seed=3)
+    with torch.no_grad():
+        mixed = multi(input_ids=ids, adapter_names=rows).logits
+    for b, name in enumerate(rows):
+        torch.testing.assert_close(mixed[b:b + 1], _alone(multi, ids[b:b + 1], name), atol=FP32_ATOL, rtol=0)

@@ -7,13 +7,15 @@ with the scaling s_a folded into B and slot 0 the zero adapter (= base model):
     A_t: (N+1, in, r_max)      A_t[a] = A_a^T             (rows r_a..r_max are zero)
     B_t: (N+1, r_max, out)     B_t[a] = s_a · B_a^T
 
-A batch whose row b uses slot ids[b] then adds, with one pair of batched matmuls per layer
-and no Python loop over adapters,
+A batch whose row b uses slot ids[b] then adds, with one pair of matmuls per layer and no
+Python loop over adapters (``_RowLora``: the adapters in use side by side, each row masked
+to its own block),
 
     y_b = base(x_b) + (x_b @ A_t[ids[b]]) @ B_t[ids[b]]      x_b: (T, in) -> (T, r_max) -> (T, out)
 
-The padded rank columns contribute exact zeros, so a row equals that row run alone with its
-adapter (up to float summation order). Inference only: dropout is not applied.
+The padded rank columns and the other adapters' masked columns contribute exact zeros, so a
+row equals that row run alone with its adapter (up to float summation order). Inference only:
+dropout is not applied.
 
 Every adapter kind lorakit trains with LoRA layers mixes: LoRA, rsLoRA (another s), PiSSA
 (converted to plain LoRA of rank 2r when saved), AdaLoRA (A = Λ ⊙ Q, B = P · α/(r₀+ε), its
@@ -180,41 +182,81 @@ def _row_ids_for(ids: torch.Tensor, batch: int) -> torch.Tensor:
     return ids
 
 
+# Below this many rows per adapter in use, the side-by-side form costs more matmul work (B·U·r
+# columns) than it saves in memory reads, and each row gets its own gathered copy instead.
+_SIDE_BY_SIDE_MIN_ROWS_PER_ADAPTER = 4
+
+
 class _RowLora:
-    """The per-layer callable an adapter layer's forward delegates to inside ``mixed_adapters``:
+    """The per-layer callable an adapter layer's forward delegates to inside ``mixed_adapters``.
+    Prepared once per row set (never per step), in one of two exact forms:
 
-        plain rows:  y_b = result_b + (x_b A_b) B_b
-        DoRA rows:   y_b = bias + g_b ⊙ (result_b - bias + (x_b A_b) B_b)   (g = 1 for plain rows)
+    side by side, when the B rows use few adapters U (B >= 4 U): each adapter in use read once,
 
-    The rows' A, B (and g) are gathered once per row set and reused by every decoding step."""
+        A_u: (in, U·r)   B_u: (U·r, out)   M: (B, 1, U·r), 1 on the block of row b's adapter
+        h = (x A_u) ⊙ M      (B, T, U·r): each row keeps its own adapter's r columns
+
+    per row, otherwise: A: (B, in, r), B: (B, r, out) gathered, h = x A (B, T, r) by bmm. Then
+
+        plain rows:  y = result + h B
+        DoRA rows:   y = bias + g_b ⊙ (result - bias + h B)   (g = 1 for non-DoRA rows)
+
+    A decode step reads the weights of a layer once; per-row copies of the same adapter would
+    read it once per row (at 32 rows over 8 adapters of rank 16 on SmolLM2's q, k, v, up and down
+    that is 4x the adapter bytes, ~0.8x the base weights, per step)."""
 
     def __init__(self, stack: LayerStack, rows: RowIds):
         self.stack, self.rows = stack, rows
-        self._gathered: tuple = (None, None, None, None)  # (key, A (B, in, r), B (B, r, out), g (B, 1, out))
+        self._gathered: tuple = (None,) * 5  # (key, A, B, M or None, g (B, 1, out) or None)
 
     def _row_weights(self, batch: int) -> tuple:
         key = (self.rows.version, batch)
         if self._gathered[0] != key:
             ids, stack = _row_ids_for(self.rows.ids, batch), self.stack
+            used = ids[ids != BASE_SLOT].unique()  # (U,) sorted
             g = stack.G_t.index_select(0, ids).unsqueeze(1) if stack.G_t is not None else None
-            self._gathered = (key, stack.A_t.index_select(0, ids), stack.B_t.index_select(0, ids), g)
+            if used.numel() * _SIDE_BY_SIDE_MIN_ROWS_PER_ADAPTER > batch:  # per row
+                self._gathered = (key, stack.A_t.index_select(0, ids), stack.B_t.index_select(0, ids), None, g)
+                return self._gathered[1:]
+            in_features, r = stack.A_t.shape[1], stack.A_t.shape[2]
+            A = stack.A_t.index_select(0, used).permute(1, 0, 2).reshape(in_features, -1)  # (in, U·r)
+            B = stack.B_t.index_select(0, used).reshape(-1, stack.B_t.shape[2])  # (U·r, out)
+            mask = None
+            if used.numel() > 1 or bool((ids == BASE_SLOT).any()):
+                block = (ids[:, None] == used[None, :]).to(A.dtype)  # (B, U)
+                mask = block.repeat_interleave(r, dim=1)[:, None, :]  # (B, 1, U·r)
+            self._gathered = (key, A, B, mask, g)
         return self._gathered[1:]
 
     def __call__(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         if not self.rows.any_adapter:
             return result
         batch = x.shape[0]
-        A, B, g = self._row_weights(batch)
-        h = torch.bmm(x.reshape(batch, -1, x.shape[-1]).to(A.dtype), A)  # (B, T, r)
+        A, B, mask, g = self._row_weights(batch)
+        if A.dim() == 3:  # per row
+            h = torch.bmm(x.reshape(batch, -1, x.shape[-1]).to(A.dtype), A)  # (B, T, r)
+        else:  # side by side
+            h = (x.reshape(-1, x.shape[-1]).to(A.dtype) @ A).view(batch, -1, A.shape[1])  # (B, T, U·r)
+            if mask is not None:
+                h = h * mask
         rows = result.reshape(batch, -1, result.shape[-1])  # (B, T, out)
         if g is None:
-            if result.dtype == B.dtype and result.is_contiguous():
-                return torch.baddbmm(rows, h, B).reshape(result.shape)  # result + h @ B in one op
-            return result + torch.bmm(h, B).reshape(result.shape).to(result.dtype)
+            if result.dtype == B.dtype:
+                return _add_product(rows, h, B).reshape(result.shape)
+            return result + _add_product(torch.zeros_like(rows, dtype=B.dtype), h, B).reshape(result.shape).to(
+                result.dtype)
         bias = self.stack.bias
-        z = torch.baddbmm(rows.to(B.dtype) if bias is None else rows.to(B.dtype) - bias, h, B)  # (B, T, out)
+        z = _add_product(rows.to(B.dtype) if bias is None else rows.to(B.dtype) - bias, h, B)  # (B, T, out)
         y = z.mul_(g) if bias is None else torch.addcmul(bias.to(z.dtype), z, g)
         return y.reshape(result.shape).to(result.dtype)
+
+
+def _add_product(base: torch.Tensor, h: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """base + h @ B in one op, a new tensor: h (B, T, k) with per-row B (B, k, out) or a shared
+    B (k, out); base (B, T, out)."""
+    if B.dim() == 3:
+        return torch.baddbmm(base, h, B)
+    return torch.addmm(base.reshape(-1, base.shape[-1]), h.reshape(-1, h.shape[-1]), B).view(base.shape)
 
 
 class _RowModules:
