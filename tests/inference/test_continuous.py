@@ -118,3 +118,24 @@ def test_other_architectures_join_and_leave_exactly(arch, tmp_path):
     while batcher.running:
         batcher.step()
     assert first.tokens == _alone(multi, [5, 9, 30], "a", 6) and later.tokens == _alone(multi, [7, 8, 1, 2, 3], "c", 3)
+
+
+def test_a_bf16_base_with_fp32_adapters_decodes_like_each_alone(tmp_path):
+    """What ``lorakit serve --dtype auto`` runs on a host with native bf16: the KV cache and mask
+    follow the base's dtype, the adapters stay fp32 and the mixed path casts around them."""
+    from test_mixed_batch import _save_adapters
+
+    multi = MultiAdapterModel(tiny_model("llama").to(torch.bfloat16))
+    for name, directory in _save_adapters("llama", tmp_path).items():
+        multi.add_adapter(name, directory)
+    multi.model.generation_config.eos_token_id = None
+    assert multi.lora.adapter_layers()[0][1].lora_A["a"].weight.dtype == torch.float32
+    batcher = ContinuousBatcher(multi, _Tokens(), max_rows=4)
+    rows = [batcher.new_row(GenerationRequest(p, a, 5)) for p, a in [([5, 9, 30], "a"), ([7, 8], "d"), ([4], None)]]
+    batcher.step(rows[:2])
+    batcher.step(rows[2:])
+    while batcher.running:
+        batcher.step()
+    assert batcher.cache.keys[0].dtype == torch.bfloat16
+    for row, (prompt, adapter) in zip(rows, [([5, 9, 30], "a"), ([7, 8], "d"), ([4], None)]):
+        assert row.tokens == _alone(multi, prompt, adapter, 5), adapter

@@ -25,6 +25,19 @@ def parse_adapter_specs(specs: list[str]) -> dict[str, str]:
     return adapters
 
 
+def serving_dtype(requested: str, device: str = "cpu", probe=None) -> str:
+    """The base model's dtype: "auto" -> bfloat16 on a CPU whose bf16 matmul is native and
+    faster (lorakit.hardware's measured probe, as training's precision auto), else float32; a
+    named dtype is kept. Adapters stay float32 either way (the mixed path casts around them)."""
+    if requested != "auto":
+        return requested
+    if str(device) != "cpu":
+        return "float32"
+    from lorakit.hardware import resolve_precision
+
+    return "bfloat16" if resolve_precision("auto", probe) == "bf16" else "float32"
+
+
 def build_app(model: str, adapters: dict[str, str] | None = None, api_key: str | None = None,
               adapter_root: str | Path | None = None, limits: Limits | None = None, dtype: str = "float32",
               device: str = "cpu", max_batch: int = 32, batch_window_ms: float = 10.0,
@@ -39,6 +52,7 @@ def build_app(model: str, adapters: dict[str, str] | None = None, api_key: str |
 
     if adapter_root is not None and not Path(adapter_root).is_dir():
         raise LorakitError(f"--adapter-root '{adapter_root}' is not a directory")
+    dtype = serving_dtype(dtype, device)
     multi = MultiAdapterModel.from_pretrained(model, adapters or {}, dtype=dtype, device=device, check_base=not force)
     base_name = served_model_name or model
     if base_name in multi.adapter_names:
@@ -62,7 +76,8 @@ def serve(model: str, adapters: dict[str, str] | None = None, host: str = "127.0
     if api_key is None and not _is_loopback(host):
         print(f"lorakit: warning: serving on {host} without an API key; anyone who can reach it can use it")
     names = ", ".join([kwargs.get("served_model_name") or model] + engine.adapter_names)
-    print(f"lorakit: serving {names} on http://{host}:{port}/v1")
+    dtype = next(engine.multi.model.parameters()).dtype
+    print(f"lorakit: serving {names} ({str(dtype).removeprefix('torch.')} base) on http://{host}:{port}/v1")
     try:
         uvicorn.Server(uvicorn_config(app, limits, host=host, port=port, log_level="warning")).run()
     finally:
