@@ -9,8 +9,11 @@ PiSSA (saved converted), AdaLoRA (pruned ranks) and LoRA with ``modules_to_save`
 Each side is a real server on loopback, in its own process, behind lorakit's HTTP layer:
 
     lorakit   lorakit.server.run.serve (what ``lorakit serve`` runs): continuous batching
-    peer      the same routes over benchmarks/_serve_peer.PeerEngine: peft ``adapter_names``
-              mixed batches, batch at a time (DoRA and AdaLoRA rows as their own sub-batches)
+    static    the same routes over benchmarks/_serve_sides.StaticEngine: lorakit's engine before
+              continuous batching (batch at a time through the same mixed-adapter batcher)
+    peer      the same routes over benchmarks/_serve_sides.PeerEngine: peft ``adapter_names``
+              mixed batches, batch at a time (DoRA, modules_to_save and AdaLoRA rows as their own
+              sub-batches: peft's mixed batch refuses them)
 
 For each N in ``--clients``: N concurrent streaming clients (the official ``openai`` client),
 N x ``--requests-per-client`` chat requests over the 8 adapters, arriving as a Poisson process
@@ -187,11 +190,11 @@ def serve_side(side: str, model_dir: str, dirs: dict[str, str], port: int, max_b
         return
     import uvicorn
 
-    from _serve_peer import PeerEngine
+    from _serve_sides import PeerEngine, StaticEngine
     from lorakit.server.app import ServerSettings, create_app
     from lorakit.server.transport import uvicorn_config
 
-    engine = PeerEngine(model_dir, dirs, max_batch=max_batch)
+    engine = (PeerEngine if side == "peer" else StaticEngine)(model_dir, dirs, max_batch=max_batch)
     app = create_app(engine, ServerSettings("base", API_KEY, None, limits))
     uvicorn.Server(uvicorn_config(app, limits, host="127.0.0.1", port=port, log_level="warning")).run()
 
@@ -316,9 +319,9 @@ def main(argv=None) -> int:
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--decode-rows", type=int, default=32)
     parser.add_argument("--tiny", action="store_true", help="a tiny random model (smoke runs)")
-    parser.add_argument("--no-peer", action="store_true")
+    parser.add_argument("--sides", nargs="+", choices=["lorakit", "static", "peer"], default=["lorakit", "static", "peer"])
     parser.add_argument("--check", action="store_true", help="compare lorakit's answers with each adapter alone")
-    parser.add_argument("--serve", choices=["lorakit", "peer"], help=argparse.SUPPRESS)
+    parser.add_argument("--serve", choices=["lorakit", "static", "peer"], help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--adapters", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -350,7 +353,7 @@ def main(argv=None) -> int:
           f"{'itl50ms':>8} {'itl99ms':>8}")
     models = list(dirs)
     results = {}
-    for side in ["lorakit"] + ([] if args.no_peer else ["peer"]):
+    for side in args.sides:
         process, url = start_server(side, model_dir, dirs, args.max_batch)
         try:
             for clients in args.clients:
@@ -361,17 +364,17 @@ def main(argv=None) -> int:
         finally:
             process.terminate()
             process.wait(timeout=30)
-    if args.check:
+    if args.check and "lorakit" in args.sides:
         largest = max(args.clients)
         wrong = check_greedy(model_dir, dirs, results[("lorakit", largest)]["answers"], args.max_tokens)
         print(f"\ngreedy check at {largest} clients: {wrong} of {results[('lorakit', largest)]['complete']} "
               f"answers differ from that adapter alone")
-    if not args.no_peer:
+    for other in [side for side in args.sides if side != "lorakit"] if "lorakit" in args.sides else []:
         for clients in args.clients:
-            ours, peer = results[("lorakit", clients)], results[("peer", clients)]
-            ratio = ours["tokens_per_s"] / peer["tokens_per_s"] if peer["tokens_per_s"] else float("inf")
-            print(f"N={clients}: lorakit / peer tokens/s = {ratio:.2f}x; "
-                  f"TTFT p99 {ours['ttft_p99']:.3f} s vs {peer['ttft_p99']:.3f} s")
+            ours, theirs = results[("lorakit", clients)], results[(other, clients)]
+            ratio = ours["tokens_per_s"] / theirs["tokens_per_s"] if theirs["tokens_per_s"] else float("inf")
+            print(f"N={clients}: lorakit / {other} tokens/s = {ratio:.2f}x; "
+                  f"TTFT p99 {ours['ttft_p99']:.3f} s vs {theirs['ttft_p99']:.3f} s")
     return 0
 
 
