@@ -139,3 +139,49 @@ def test_a_bf16_base_with_fp32_adapters_decodes_like_each_alone(tmp_path):
     assert batcher.cache.keys[0].dtype == torch.bfloat16
     for row, (prompt, adapter) in zip(rows, [([5, 9, 30], "a"), ([7, 8], "d"), ([4], None)]):
         assert row.tokens == _alone(multi, prompt, adapter, 5), adapter
+
+
+def _windowed(arch):
+    """Tiny Mistral (one window for every layer) and Qwen2 (sliding and full layers mixed), both
+    with a window of 3 positions, shorter than the rows below."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from tiny_models import _COMMON
+
+    torch.manual_seed(0)
+    if arch == "mistral":
+        return MistralForCausalLM(MistralConfig(**_COMMON, sliding_window=3)).eval()
+    config = Qwen2Config(**dict(_COMMON, num_hidden_layers=3), use_sliding_window=True, sliding_window=3,
+                         max_window_layers=1)
+    assert set(config.layer_types) == {"full_attention", "sliding_attention"}
+    return Qwen2ForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_sliding_window_models_decode_like_each_alone(arch, tmp_path):
+    multi = MultiAdapterModel(_windowed(arch))
+    from lorakit import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    lora = get_peft_model(_windowed(arch), LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                                      init_lora_weights=False), "a")
+    lora.save_pretrained(tmp_path / "a", selected_adapters=["a"])
+    multi.add_adapter("a", tmp_path / "a" / "a" if (tmp_path / "a" / "a").is_dir() else tmp_path / "a")
+    multi.model.generation_config.eos_token_id = None
+    batcher = ContinuousBatcher(multi, _Tokens(), max_rows=4)
+    asks = [([5, 9, 30, 41, 7], "a", 8), ([7, 8], None, 6), ([3, 4, 5, 6, 7, 8], "a", 7)]
+    rows = [batcher.new_row(GenerationRequest(p, a, n)) for p, a, n in asks]
+    batcher.step(rows[:1])
+    batcher.step(rows[1:])
+    while batcher.running:
+        batcher.step()
+    for row, (prompt, adapter, n) in zip(rows, asks):
+        assert row.tokens == _alone(multi, prompt, adapter, n), adapter
+    # without the window the answers differ: the test can tell
+    batcher = ContinuousBatcher(multi, _Tokens(), max_rows=4)
+    batcher.windows = None
+    unwindowed = batcher.new_row(GenerationRequest(*asks[0]))
+    batcher.step([unwindowed])
+    while batcher.running:
+        batcher.step()
+    assert unwindowed.tokens != rows[0].tokens

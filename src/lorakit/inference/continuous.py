@@ -27,7 +27,7 @@ import torch
 
 from lorakit.errors import LorakitError
 from lorakit.inference.batched import GenerationRequest, RowState, cache_keyword, eos_token_ids
-from lorakit.inference.kv_slots import SlotKVCache, kv_layout
+from lorakit.inference.kv_slots import SlotKVCache, attention_windows, kv_layout
 from lorakit.inference.mixed import MixedRows
 from lorakit.inference.sampling import choose_tokens, new_generator
 
@@ -58,6 +58,7 @@ class ContinuousBatcher:
         self.max_rows, self.max_kv_bytes = max_rows, max_kv_bytes
         self.eos_ids = eos_token_ids(self.model, tokenizer)
         self.cache_arg = cache_keyword(self.model)
+        self.windows = attention_windows(self.model.config)
         self.rows: list[_Running] = []
         self.cache: SlotKVCache | None = None
         self.steps = 0
@@ -157,7 +158,7 @@ class ContinuousBatcher:
         rows = self.rows
         lengths = torch.tensor([row.length for row in rows], device=self.device)  # (n,)
         tokens = torch.tensor([[row.token] for row in rows], device=self.device)  # (n, 1)
-        mask = self.cache.begin_decode(lengths)
+        mask = self.cache.begin_decode(lengths, self.windows)
         try:
             with self._mixed([row.state.request.adapter for row in rows], key=self._rows_version):
                 out = self.model(input_ids=tokens, attention_mask=mask, position_ids=lengths[:, None],
@@ -174,7 +175,7 @@ class ContinuousBatcher:
 
         prompt = state.request.prompt_ids
         ids = torch.tensor([prompt], device=self.device)
-        prefill = DynamicCache(config=self.model.config)
+        prefill = DynamicCache()  # every position kept: with the config, sliding layers keep only the last window
         with self._mixed([state.request.adapter]):
             out = self.model(input_ids=ids, position_ids=torch.arange(len(prompt), device=self.device)[None],
                              use_cache=True, logits_to_keep=1, **{self.cache_arg: prefill})

@@ -14,8 +14,8 @@ copy) when a joining row needs more, never past ``max_bytes``:
 During a decode step the cache is handed to the transformers model as its ``cache``: each
 attention layer calls ``update(k, v, layer)`` with the new token's k, v: (n, H, 1, D); they are
 written at each row's own position (rows have different lengths) and the attended views are
-returned. The attention mask (built by ``decode_mask``) hides every position a row has not
-written, so the rows never see each other's padding.
+returned. The attention mask (built by ``begin_decode``) hides every position a row has not
+written, so the rows never see each other's padding, and applies the model's sliding windows.
 """
 
 from __future__ import annotations
@@ -84,16 +84,27 @@ class SlotKVCache:
             v[target, :, :length] = v[source, :, :length]
 
     # --- a decode step ------------------------------------------------------------------
-    def begin_decode(self, lengths: torch.Tensor) -> torch.Tensor:
+    def begin_decode(self, lengths: torch.Tensor, windows: dict[str, int | None] | int | None = None):
         """Prepare one decode step for rows 0..n-1 with ``lengths`` (n,) positions written so far;
         returns the additive attention mask (n, 1, 1, used): 0 where a row may attend (its
-        positions and the new token's), the dtype's minimum elsewhere."""
+        positions and the new token's, at position ``lengths``), the dtype's minimum elsewhere.
+        ``windows`` (``attention_windows``): a sliding window for every layer (a query at position
+        p sees only keys k > p - window, as transformers), or one per layer type (then a dict of
+        masks, the form such models take)."""
         n = lengths.shape[0]
         used = int(lengths.max()) + 1
         self._decode = (n, torch.arange(n, device=self.device), lengths, used)
+        if isinstance(windows, dict):
+            return {kind: self._mask(lengths, used, window) for kind, window in windows.items()}
+        return self._mask(lengths, used, windows)
+
+    def _mask(self, lengths: torch.Tensor, used: int, window: int | None) -> torch.Tensor:
         dtype = self.layout[0][2]
-        visible = torch.arange(used, device=self.device)[None, :] <= lengths[:, None]  # (n, used)
-        mask = torch.zeros(n, 1, 1, used, dtype=dtype, device=self.device)
+        columns = torch.arange(used, device=self.device)[None, :]  # (1, used)
+        visible = columns <= lengths[:, None]  # (n, used)
+        if window is not None:
+            visible &= columns > lengths[:, None] - window
+        mask = torch.zeros(lengths.shape[0], 1, 1, used, dtype=dtype, device=self.device)
         return mask.masked_fill_(~visible[:, None, None, :], torch.finfo(dtype).min)
 
     def end_decode(self) -> None:
@@ -110,6 +121,19 @@ class SlotKVCache:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0 if self._decode is None else self._decode[3] - 1
+
+
+def attention_windows(config) -> dict[str, int | None] | int | None:
+    """How the model's layers window their attention: None (every layer sees every earlier
+    position), one ``sliding_window`` for all layers (Mistral: the config names a window and no
+    per-layer types), or {layer type: window or None} when ``config.layer_types`` mixes
+    "sliding_attention" layers in (Qwen2, Gemma 2/3: their forward takes a mask per type)."""
+    types = getattr(config, "layer_types", None)
+    if not types:
+        return getattr(config, "sliding_window", None)
+    if "sliding_attention" in types:
+        return {kind: (config.sliding_window if kind == "sliding_attention" else None) for kind in set(types)}
+    return None
 
 
 def _layer_states(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
