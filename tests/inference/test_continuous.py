@@ -185,3 +185,21 @@ def test_sliding_window_models_decode_like_each_alone(arch, tmp_path):
     while batcher.running:
         batcher.step()
     assert unwindowed.tokens != rows[0].tokens
+
+
+def test_joining_prompts_are_prefilled_together_within_the_token_budget(multi, monkeypatch):
+    monkeypatch.setattr(continuous_module, "PREFILL_TOKENS", 8)
+    batcher = ContinuousBatcher(multi, _Tokens(), max_rows=8)
+    asks = [([5, 9, 30, 41], "dora", 4), ([7, 8], "mts", 3), ([1, 2, 3, 4, 5, 6, 7], None, 5), ([12], "ada", 4)]
+    rows = [batcher.new_row(GenerationRequest(p, a, n)) for p, a, n in asks]
+    groups = batcher._prefill_groups(rows)
+    assert [[len(s.request.prompt_ids) for s in g] for g in groups] == [[4, 2], [7], [1]]  # 4 x 2 <= 8 < 7 x 2
+    forwards = []
+    original = batcher._prefill
+    monkeypatch.setattr(batcher, "_prefill", lambda states: forwards.append(len(states)) or original(states))
+    batcher.step(rows)
+    while batcher.running:
+        batcher.step()
+    assert forwards == [2, 1, 1]
+    for row, (prompt, adapter, n) in zip(rows, asks):
+        assert row.tokens == _alone(multi, prompt, adapter, n), adapter

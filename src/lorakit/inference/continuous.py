@@ -6,8 +6,9 @@ One ``step(joining)``:
     2. one decode forward for the n running rows: input (n, 1) = each row's last token, at its
        own position; K, V written into the preallocated ``SlotKVCache``; each row through its
        own adapter (``MixedRows``: weights gathered once per row set, not per step);
-    3. each joining request is prefilled alone (its prompt (1, p) through its adapter, with a
-       transformers DynamicCache copied into its cache row) and appended as row n, n+1, ...;
+    3. the joining requests are prefilled, several per forward (left-padded (J, P), up to
+       PREFILL_TOKENS, each row through its own adapter; a long prompt alone), their
+       transformers DynamicCache copied into cache rows n, n+1, ...;
     4. one sampling pass (``lorakit.inference.sampling``) over the (n + joined, V) logits;
     5. every row takes its token (text streamed, stop strings, EOS, length); finished rows
        leave, the last row moving into each freed cache row.
@@ -27,11 +28,14 @@ import torch
 
 from lorakit.errors import LorakitError
 from lorakit.inference.batched import GenerationRequest, RowState, cache_keyword, eos_token_ids
-from lorakit.inference.kv_slots import SlotKVCache, attention_windows, kv_layout
+from lorakit.inference.kv_slots import SlotKVCache, attention_windows, kv_layout, prefill_mask
 from lorakit.inference.mixed import MixedRows
 from lorakit.inference.sampling import choose_tokens, new_generator
 
 DEFAULT_MAX_KV_BYTES = 1 << 30
+# Joining prompts are prefilled together, left-padded, up to this many (padded) tokens per
+# forward: one pass over the weights for many short prompts; a longer prompt runs alone.
+PREFILL_TOKENS = 2048
 
 
 def reserved_positions(request: GenerationRequest) -> int:
@@ -106,7 +110,7 @@ class ContinuousBatcher:
             raise LorakitError(f"{len(joining)} joining rows do not fit beside {len(self.rows)} running ones "
                                f"(max_rows {self.max_rows}, KV cap {self.max_kv_bytes} bytes)")
         logits = [self._decode()] if self.rows else []
-        logits += [self._prefill(state) for state in joining]
+        logits += [self._prefill(group) for group in self._prefill_groups(joining)]
         logits = torch.cat(logits)  # (rows, V)
         states = [row.state for row in self.rows]
         tokens = choose_tokens(logits, [s.request.temperature for s in states], [s.request.top_p for s in states],
@@ -169,21 +173,43 @@ class ContinuousBatcher:
             row.length += 1
         return out.logits[:, -1]
 
-    def _prefill(self, state: RowState) -> torch.Tensor:
-        """Run ``state``'s prompt alone and add it as the last row: (1, V) logits of its last position."""
+    def _prefill_groups(self, joining: Sequence[RowState]) -> list[list[RowState]]:
+        """``joining`` in arrival order, cut so that each group pads to at most PREFILL_TOKENS."""
+        groups: list[list[RowState]] = []
+        for state in joining:
+            group = groups[-1] if groups else None
+            longest = max([len(s.request.prompt_ids) for s in group or []] + [len(state.request.prompt_ids)])
+            if group is not None and longest * (len(group) + 1) <= PREFILL_TOKENS:
+                group.append(state)
+            else:
+                groups.append([state])
+        return groups
+
+    def _prefill(self, states: list[RowState]) -> torch.Tensor:
+        """Run the prompts of ``states`` in one forward, left-padded to the longest P, each through
+        its own adapter, and add them as the last rows: (J, V) logits of their last positions."""
         from transformers import DynamicCache
 
-        prompt = state.request.prompt_ids
-        ids = torch.tensor([prompt], device=self.device)
+        prompts = [state.request.prompt_ids for state in states]
+        width = max(len(prompt) for prompt in prompts)
+        ids = torch.zeros(len(prompts), width, dtype=torch.long, device=self.device)  # (J, P)
+        positions = torch.zeros_like(ids)
+        real = torch.zeros_like(ids, dtype=torch.bool)
+        for j, prompt in enumerate(prompts):
+            ids[j, width - len(prompt):] = torch.tensor(prompt, device=self.device)
+            positions[j, width - len(prompt):] = torch.arange(len(prompt), device=self.device)
+            real[j, width - len(prompt):] = True
         prefill = DynamicCache()  # every position kept: with the config, sliding layers keep only the last window
-        with self._mixed([state.request.adapter]):
-            out = self.model(input_ids=ids, position_ids=torch.arange(len(prompt), device=self.device)[None],
-                             use_cache=True, logits_to_keep=1, **{self.cache_arg: prefill})
-        cache, row = self.kv_cache(), len(self.rows)
-        reserved = reserved_positions(state.request)
-        cache.ensure(row + 1, max([r.reserved for r in self.rows] + [reserved]), live=row)
-        cache.write_prompt(row, prefill)
-        self.rows.append(_Running(state, len(prompt), reserved))
+        mask = prefill_mask(real, self.windows, self.kv_cache().layout[0][2])
+        with self._mixed([state.request.adapter for state in states]):
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                             logits_to_keep=1, **{self.cache_arg: prefill})
+        cache, first = self.kv_cache(), len(self.rows)
+        reserved = [reserved_positions(state.request) for state in states]
+        cache.ensure(first + len(states), max([r.reserved for r in self.rows] + reserved), live=first)
+        for j, (state, prompt) in enumerate(zip(states, prompts)):
+            cache.write_prompt(first + j, prefill, index=j, start=width - len(prompt))
+            self.rows.append(_Running(state, len(prompt), reserved[j]))
         self._rows_version += 1
         return out.logits[:, -1]
 

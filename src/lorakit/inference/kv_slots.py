@@ -70,12 +70,13 @@ class SlotKVCache:
         self.keys, self.values = keys, values
         self.rows, self.positions = new_rows, new_positions
 
-    def write_prompt(self, row: int, prefill_cache) -> None:
-        """Copy a one-row prefill's cache (a transformers DynamicCache, (1, H, p, D) per layer) into ``row``."""
+    def write_prompt(self, row: int, prefill_cache, index: int = 0, start: int = 0) -> None:
+        """Copy row ``index`` of a prefill's cache (a transformers DynamicCache, (J, H, P, D) per
+        layer), from position ``start`` on (after its left padding), into ``row``."""
         for layer, (k, v) in enumerate(_layer_states(prefill_cache)):
-            p = k.shape[2]
-            self.keys[layer][row, :, :p] = k[0]
-            self.values[layer][row, :, :p] = v[0]
+            p = k.shape[2] - start
+            self.keys[layer][row, :, :p] = k[index, :, start:]
+            self.values[layer][row, :, :p] = v[index, :, start:]
 
     def move(self, source: int, target: int, length: int) -> None:
         """Row ``source``'s first ``length`` positions become row ``target``'s (a row left)."""
@@ -121,6 +122,28 @@ class SlotKVCache:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0 if self._decode is None else self._decode[3] - 1
+
+
+def prefill_mask(real: torch.Tensor, windows, dtype: torch.dtype):
+    """Additive masks (J, 1, P, P) for left-padded prompts, ``real`` (J, P) True on each row's
+    tokens: causal, no padded key, each model's sliding windows (a dict per layer type, as
+    ``begin_decode``). A padded query sees itself only, so no row of the mask is empty (an empty
+    row gives NaN, which would reach the real tokens through 0 x NaN)."""
+    length = real.shape[1]
+    query = torch.arange(length, device=real.device)[:, None]
+    key = torch.arange(length, device=real.device)[None, :]
+
+    def one(window):
+        visible = (key <= query) & real[:, None, :]  # (J, P, P)
+        if window is not None:
+            visible &= key > query - window
+        visible |= torch.eye(length, dtype=torch.bool, device=real.device)
+        mask = torch.zeros(visible.shape, dtype=dtype, device=real.device)
+        return mask.masked_fill_(~visible, torch.finfo(dtype).min)[:, None]
+
+    if isinstance(windows, dict):
+        return {kind: one(window) for kind, window in windows.items()}
+    return one(windows)
 
 
 def attention_windows(config) -> dict[str, int | None] | int | None:
