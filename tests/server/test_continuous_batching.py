@@ -43,10 +43,10 @@ def _body(model, prompt, max_tokens, stream=False):
     return {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": stream}
 
 
-def _stream_chunks(reply):
-    """(arrival time, text) of each SSE text chunk, and the finish_reason."""
+def _stream_chunks(lines):
+    """(arrival time, text) of each SSE text chunk in ``lines``, and the finish_reason."""
     chunks, finish = [], None
-    for line in reply.iter_lines():
+    for line in lines:
         if not line.startswith("data: ") or line == "data: [DONE]":
             continue
         choice = json.loads(line[6:])["choices"][0]
@@ -75,7 +75,7 @@ def test_a_request_sent_mid_generation_starts_before_the_first_ends(two_row_serv
                 chunks.append(line)
         asker = threading.Thread(target=ask_short)
         asker.start()
-        rest, finish = _stream_chunks(SimpleReply(lines))
+        rest, finish = _stream_chunks(lines)
         asker.join(timeout=60)
     long_text = "".join(json.loads(c[6:])["choices"][0]["text"] for c in chunks) + "".join(t for _, t in rest)
     short_done, short_reply = replies["short"]
@@ -85,16 +85,6 @@ def test_a_request_sent_mid_generation_starts_before_the_first_ends(two_row_serv
     assert long_job.started_step < short_job.started_step < short_job.finished_step < long_job.finished_step
     assert short_reply.json()["choices"][0]["text"] == _alone(engine, short_prompt, TINY_FIXED[1], 5)
     assert long_text == _alone(engine, long_prompt, TINY_FIXED[0], 300)
-
-
-class SimpleReply:
-    """The rest of a stream's lines, read as a reply would be."""
-
-    def __init__(self, lines):
-        self.lines = lines
-
-    def iter_lines(self):
-        return self.lines
 
 
 def test_requests_beyond_the_row_cap_wait_in_arrival_order_and_all_complete(two_row_server, monkeypatch):
