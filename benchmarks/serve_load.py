@@ -319,7 +319,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--decode-rows", type=int, default=32)
     parser.add_argument("--tiny", action="store_true", help="a tiny random model (smoke runs)")
-    parser.add_argument("--sides", nargs="+", choices=["lorakit", "static", "peer"], default=["lorakit", "static", "peer"])
+    sides = ["lorakit", "static", "peer"]
+    parser.add_argument("--sides", nargs="+", choices=sides, default=sides)
     parser.add_argument("--check", action="store_true", help="compare lorakit's answers with each adapter alone")
     parser.add_argument("--serve", choices=["lorakit", "static", "peer"], help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)

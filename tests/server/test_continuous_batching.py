@@ -62,7 +62,8 @@ def test_a_request_sent_mid_generation_starts_before_the_first_ends(two_row_serv
     replies = {}
 
     def ask_short():
-        reply = httpx.post(url + "/v1/completions", headers=AUTH, json=_body(TINY_FIXED[1], short_prompt, 5), timeout=60)
+        reply = httpx.post(url + "/v1/completions", headers=AUTH, json=_body(TINY_FIXED[1], short_prompt, 5),
+                           timeout=60)
         replies["short"] = (time.monotonic(), reply)
 
     chunks = []
