@@ -89,9 +89,10 @@ def test_set_disable_delete(multi):
                                    atol=FP32_ATOL, rtol=0)
 
 
-def test_dora_and_modules_to_save_refused(multi):
-    multi.lora.peft_config["a"].use_dora = True
-    with pytest.raises(LorakitError, match="DoRA"):
+def test_trained_biases_refused(multi):
+    """DoRA and modules_to_save mix (test_mixed_kinds.py); a trained bias is one shared tensor."""
+    multi.lora.peft_config["a"].bias = "all"
+    with pytest.raises(LorakitError, match="trains biases"):
         multi(input_ids=sample_input_ids(batch=1), adapter_names=["a"])
 
 

@@ -117,6 +117,25 @@ def tiny_server(smol_tokenizer, tmp_path_factory):
     engine.close()
 
 
+@pytest.fixture(scope="module")
+def two_row_server(smol_tokenizer, tmp_path_factory):
+    """A real server over a tiny random model that decodes at most 2 rows at a time and allows
+    long answers (max_tokens 400), for watching requests join, wait and leave a running batch."""
+    from lorakit.server.protocol import Limits
+    from lorakit.server.run import build_app
+
+    base = tmp_path_factory.mktemp("two_rows")
+    model_dir = _tiny_model_dir(smol_tokenizer, base / "model")
+    dirs = _save_random_adapters(model_dir, base, TINY_FIXED, {})
+    limits = Limits(max_body_bytes=20_000, max_prompt_tokens=64, max_tokens=400)
+    app, engine = build_app(str(model_dir), {n: str(dirs[n]) for n in TINY_FIXED}, api_key=API_KEY,
+                            served_model_name="tiny", limits=limits, max_batch=2)
+    url, stop = _start(app, limits)
+    yield SimpleNamespace(url=url, engine=engine)
+    stop()
+    engine.close()
+
+
 class _ErrorRecords(logging.Handler):
     def __init__(self):
         super().__init__(logging.ERROR)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lorakit.server.app import _under_root
+from lorakit.server.adapter_paths import under_root as _under_root
 from lorakit.server.protocol import ApiError, Limits, parse_sampling
 
 
@@ -153,3 +153,19 @@ def test_client_strings_in_error_messages_stay_on_one_line(tmp_path):
     assert "\n" not in err.value.message and "\x1b" not in err.value.message and "'x\\ny\\x1b[31m'" in err.value.message
     assert "\n" not in not_found_model("a\nb", ["m"]).message
     assert quoted("z" * 500).endswith("'...") and len(quoted("z" * 500)) < 210 and quoted(["a"]) == "'[\"a\"]'"
+
+
+def test_serving_dtype_auto_follows_the_measured_probe():
+    import torch
+
+    from lorakit.hardware import HostProbe
+    from lorakit.server.run import serving_dtype
+
+    def probe(bf16_gflops):
+        return HostProbe(cpu="test", capability="AVX512", bf16_instructions=True, threads=2, fp32_gflops=100.0,
+                         bf16_gflops=bf16_gflops, memory_gbps=10.0, torch_version=torch.__version__)
+
+    assert serving_dtype("auto", probe=probe(300.0)) == "bfloat16"  # native and faster
+    assert serving_dtype("auto", probe=probe(110.0)) == "float32"  # native, not faster enough
+    assert serving_dtype("auto", probe=probe(0.3)) == "float32"  # emulated
+    assert serving_dtype("float16", probe=probe(300.0)) == "float16" and serving_dtype("auto", "cuda") == "float32"

@@ -17,11 +17,18 @@ def register(subparsers) -> None:
     parser.add_argument("--adapter-root", default=None, metavar="DIR",
                         help="allow POST /v1/load_lora_adapter for directories under DIR")
     parser.add_argument("--served-model-name", default=None, help="name of the base model in the API (default: --model)")
-    parser.add_argument("--dtype", default="float32", help="base model dtype: float32, bfloat16, float16")
+    parser.add_argument("--dtype", default="auto",
+                        help="base model dtype: auto (bfloat16 where this CPU's bf16 matmul is native and faster, "
+                             "as measured by 'lorakit env'; else float32), float32, bfloat16, float16")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    parser.add_argument("--max-batch", type=int, default=32, help="most requests generated together (default: 32)")
+    parser.add_argument("--max-batch", type=int, default=32,
+                        help="most requests decoded together; a request joins the running batch at its next "
+                             "step, more wait in arrival order (default: 32)")
+    parser.add_argument("--max-kv-mb", type=float, default=1024,
+                        help="cap on the KV cache of the running batch, in MiB (default: 1024)")
     parser.add_argument("--batch-window-ms", type=float, default=10.0,
-                        help="how long to wait for more requests before a batch starts (default: 10)")
+                        help="when idle, how long to wait for requests arriving together before the first "
+                             "step (default: 10)")
     parser.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask for")
     parser.add_argument("--max-prompt-tokens", type=int, default=4096, help="longest prompt accepted, in tokens")
     parser.add_argument("--max-body-bytes", type=int, default=1_000_000, help="largest request body accepted")
@@ -47,5 +54,5 @@ def run(args) -> int:
     serve(args.model, parse_adapter_specs(args.adapter), host=args.host, port=args.port, api_key=args.api_key,
           adapter_root=args.adapter_root, limits=limits, dtype=args.dtype, device=args.device,
           max_batch=args.max_batch, batch_window_ms=args.batch_window_ms, served_model_name=args.served_model_name,
-          force=args.force)
+          force=args.force, max_kv_mb=args.max_kv_mb)
     return 0

@@ -1,15 +1,11 @@
-"""Batched generation across adapters with a KV cache: the engine under the server.
+"""Requests, results and per-row decoding state of batched generation across adapters.
 
 Each request brings its prompt tokens, adapter (None: the base), sampling settings and stop
-strings. Prompts are left-padded into one batch; one prefill and then one decode step per
-token run the whole batch through the mixed-adapter path (``MultiAdapterModel.mixed``), so a
-batch of rows over many adapters costs about one base forward per token. Rows that finish
-(EOS, stop string, max_new_tokens, cancelled) leave the batch and the KV cache at once.
-
-Sampling per row: temperature 0 (below ``GREEDY_BELOW``) -> greedy (argmax); otherwise
-softmax(logits / T) restricted to the smallest set of tokens whose probability reaches top_p
-(nucleus sampling, Holtzman et al. 2020; the most probable token is always in it), drawn with
-the row's own generator (``seed``).
+strings. ``generate_batch`` runs a list of them to the end with the continuous batcher that
+also serves ``lorakit serve`` (``lorakit.inference.continuous``): each prompt prefilled alone,
+then one decode step per token for all rows through the mixed-adapter path, so a batch over
+many adapters costs about one base forward per token. Rows that finish (EOS, stop string,
+max_new_tokens, cancelled) leave the batch and the KV cache at once.
 """
 
 from __future__ import annotations
@@ -18,10 +14,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
-
-# Temperatures below this sample greedily, as vLLM does: softmax(logits / T) is already one-hot
-# there, and a T that rounds to 0 in float32 (5e-324) would divide the logits by zero.
-GREEDY_BELOW = 1e-5
 
 
 @dataclass
@@ -47,7 +39,7 @@ class GenerationResult:
 
 
 @dataclass
-class _Row:
+class RowState:
     """The decoding state of one request: its tokens and how much text was already sent."""
 
     request: GenerationRequest
@@ -88,24 +80,6 @@ class _Row:
         self.emitted = max(self.emitted, visible)
 
 
-def _choose_tokens(logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
-    """(B, V) last-position logits -> (B,) next tokens, greedy or sampled per row."""
-    tokens = logits.argmax(-1)
-    for i, row in enumerate(rows):
-        request = row.request
-        if request.temperature < GREEDY_BELOW:
-            continue
-        probs = torch.softmax(logits[i].float() / request.temperature, dim=-1)  # (V,)
-        if request.top_p < 1.0:
-            sorted_probs, order = probs.sort(descending=True)
-            outside = sorted_probs.cumsum(-1) - sorted_probs >= request.top_p  # mass before it reached top_p
-            outside[0] = False  # a top_p under float32's range (5e-324 -> 0.0) would leave no token at all
-            sorted_probs[outside] = 0.0
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        tokens[i] = torch.multinomial(probs, 1, generator=row.generator)[0]
-    return tokens
-
-
 def eos_token_ids(model, tokenizer) -> set[int]:
     """EOS ids from the generation config (may be a list) and the tokenizer."""
     ids = set()
@@ -118,59 +92,25 @@ def eos_token_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def _cache_keyword(model) -> str:
+def cache_keyword(model) -> str:
     """transformers >= 5.2x names the KV cache argument ``cache`` (``past_key_values`` before)."""
     import inspect
 
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-@torch.inference_mode()
-def generate_batch(multi, tokenizer, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-    """Generate for every request in one batch (see module docstring); results in request order."""
-    from transformers import DynamicCache
+def result_of(row: RowState) -> GenerationResult:
+    return GenerationResult(row.text, row.tokens, row.finish_reason, len(row.request.prompt_ids))
 
-    model = multi.model
-    device = next(model.parameters()).device
-    eos_ids = eos_token_ids(model, tokenizer)
-    rows = []
-    for request in requests:
-        generator = None
-        if request.temperature > 0:
-            generator = torch.Generator(device=device)
-            generator.manual_seed(request.seed if request.seed is not None else torch.seed())
-        rows.append(_Row(request, generator))
-    width = max(len(r.prompt_ids) for r in requests)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((len(requests), width), pad, dtype=torch.long, device=device)
-    mask = torch.zeros_like(input_ids)
-    for b, request in enumerate(requests):  # left padding: the last column is every row's last token
-        input_ids[b, width - len(request.prompt_ids):] = torch.tensor(request.prompt_ids, device=device)
-        mask[b, width - len(request.prompt_ids):] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache(config=model.config)
-    cache_arg = _cache_keyword(model)
-    active = list(range(len(rows)))
-    with multi.mixed([r.adapter for r in requests]) as row_ids:
-        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                       logits_to_keep=1, **{cache_arg: cache}).logits[:, -1]  # (B, V)
-        next_pos = positions[:, -1] + 1
-        while True:
-            tokens = _choose_tokens(logits, [rows[i] for i in active])
-            for i, token in zip(active, tokens.tolist()):
-                rows[i].push(token, tokenizer, eos_ids)
-            keep = [k for k, i in enumerate(active) if rows[i].finish_reason is None]
-            if not keep:
-                break
-            if len(keep) < len(active):  # finished rows leave the batch and the KV cache
-                index = torch.tensor(keep, device=device)
-                cache.batch_select_indices(index)
-                mask, next_pos, tokens = mask[index], next_pos[index], tokens[index]
-                if row_ids is not None:
-                    row_ids.select(index)
-                active = [active[k] for k in keep]
-            mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
-            logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                           use_cache=True, **{cache_arg: cache}).logits[:, -1]
-            next_pos = next_pos + 1
-    return [GenerationResult(r.text, r.tokens, r.finish_reason, len(r.request.prompt_ids)) for r in rows]
+
+def generate_batch(multi, tokenizer, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+    """Generate for every request as one batch (all rows join at the first step); results in request order."""
+    from lorakit.inference.continuous import ContinuousBatcher
+
+    batcher = ContinuousBatcher(multi, tokenizer, max_rows=max(1, len(requests)))
+    rows = [batcher.new_row(request) for request in requests]
+    joining = rows
+    while joining or batcher.running:
+        batcher.step(joining)
+        joining = []
+    return [result_of(row) for row in rows]

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from lorakit.errors import LorakitError
+from lorakit.inference.sampling import NucleusLogitsProcessor, is_greedy
 
 
 @dataclass
@@ -26,11 +27,15 @@ class GenerationSettings:
     seed: int | None = None
 
     def generate_kwargs(self, tokenizer) -> dict:
+        """transformers ``generate`` arguments. Sampling follows ``lorakit.inference.sampling`` (the
+        serving engine's rule: the same greedy threshold, temperature and nucleus), applied as a
+        logits processor, so transformers only draws from the distribution it returns."""
         kwargs = {"max_new_tokens": self.max_new_tokens, "pad_token_id": tokenizer.pad_token_id}
-        if self.temperature > 0:
-            kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
-        else:
+        if is_greedy(self.temperature):
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                          logits_processor=[NucleusLogitsProcessor(self.temperature, self.top_p)])
         return kwargs
 
 

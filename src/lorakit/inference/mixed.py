@@ -7,31 +7,67 @@ with the scaling s_a folded into B and slot 0 the zero adapter (= base model):
     A_t: (N+1, in, r_max)      A_t[a] = A_a^T             (rows r_a..r_max are zero)
     B_t: (N+1, r_max, out)     B_t[a] = s_a · B_a^T
 
-A batch whose row b uses slot ids[b] then adds, with one pair of batched matmuls per layer
-and no Python loop over adapters,
+A batch whose row b uses slot ids[b] then adds, with one pair of matmuls per layer and no
+Python loop over adapters (``_RowLora``: the adapters in use side by side, each row masked
+to its own block),
 
     y_b = base(x_b) + (x_b @ A_t[ids[b]]) @ B_t[ids[b]]      x_b: (T, in) -> (T, r_max) -> (T, out)
 
-The padded rank columns contribute exact zeros, so a row equals that row run alone with its
-adapter (up to float summation order). Inference only: dropout is not applied.
+The padded rank columns and the other adapters' masked columns contribute exact zeros, so a
+row equals that row run alone with its adapter (up to float summation order). Inference only:
+dropout is not applied.
 
-Refused with a clear message (never silently wrong): DoRA adapters (their magnitude
-normalisation is not a low-rank update), adapters with ``modules_to_save`` or trained biases
-(not per-row), and adapters merged into the base weights.
+Every adapter kind lorakit trains with LoRA layers mixes: LoRA, rsLoRA (another s), PiSSA
+(converted to plain LoRA of rank 2r when saved), AdaLoRA (A = Λ ⊙ Q, B = P · α/(r₀+ε), its
+kept rank), DoRA and ``modules_to_save``. DoRA (Liu et al. 2024) rescales the whole output,
+y = b + g ⊙ (W x + s·B A x) with g = m / ||W + s·BA||_c, so its g is stacked too,
+
+    G_t: (N+1, out)            G_t[a] = m_a / ||W + s_a B_a A_a||_c   (1 for non-DoRA slots)
+
+computed once when the stacks are built (the base and adapters are frozen while serving),
+never per step. A ``modules_to_save`` copy (a new lm_head, embeddings) runs on its own rows:
+rows are grouped by the module their adapter chose. Refused with a clear message: adapters
+that train biases (a shared base bias cannot differ per row), adapters merged into the base
+weights, and methods that are not low-rank (bottleneck adapters, prefix tuning).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
+from torch import nn
 
+from lorakit.adapters.adalora.functional import svd_scale
+from lorakit.adapters.adalora.layer import AdaLoraLayer
+from lorakit.adapters.dora.layer import DORA, weight_norm
 from lorakit.adapters.lora import LoraLayer
-from lorakit.adapters.lora.variants import PLAIN
 from lorakit.errors import LorakitError
+from lorakit.models.modules_to_save import ModulesToSaveWrapper
 
 BASE_SLOT = 0
+_MIXABLE_TYPES = ("LORA", "ADALORA")
+
+
+def _lora_factors(layer: LoraLayer, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(A (r, in), s·B (out, r), g (out,) or None) of a LoRA adapter: plain, rsLoRA (another s),
+    PiSSA-converted (plain LoRA of rank 2r), DoRA (g = m / ||W + s·BA||_c, once, here)."""
+    A, B = layer.lora_A[name].weight, layer.lora_B[name].weight * layer.scaling[name]
+    if layer.variants[name] is DORA:
+        return A, B, (layer.lora_magnitude_vector[name].weight / weight_norm(layer, name)).detach()
+    return A, B, None
+
+
+def _adalora_factors(layer: AdaLoraLayer, name: str) -> tuple[torch.Tensor, torch.Tensor, None]:
+    """AdaLoRA's P (Λ ⊙ Q) · α/(r₀ + ε) as a rank-r LoRA: A = Λ ⊙ Q (r, in), B = P · α/(r₀ + ε).
+    Its rank is what was kept after pruning (the loaded rank_pattern)."""
+    return layer.lora_A[name] * layer.lora_E[name], layer.lora_B[name] * svd_scale(
+        layer.scaling[name], layer.ranknum[name]), None
+
+
+# The layer types a mixed batch can serve, each with how it writes an adapter as low-rank factors.
+_FACTORS: dict[type, Callable] = {LoraLayer: _lora_factors, AdaLoraLayer: _adalora_factors}
 
 
 def check_mixable(lora_model, names: Sequence[str]) -> None:
@@ -40,50 +76,72 @@ def check_mixable(lora_model, names: Sequence[str]) -> None:
         config = lora_model.peft_config.get(name)
         if config is None:
             raise LorakitError(f"unknown adapter '{name}'; loaded: {', '.join(lora_model.peft_config) or 'none'}")
-        if getattr(config, "peft_type", "LORA") != "LORA":
-            raise LorakitError(f"adapter '{name}' is {config.peft_type}; mixed-adapter batches support plain LoRA only")
-        if getattr(config, "use_dora", False):
-            raise LorakitError(f"adapter '{name}' is a DoRA adapter; mixed-adapter batches support plain LoRA "
-                               f"only (merge it, or serve it on its own with set_adapter)")
-        if config.modules_to_save:
-            raise LorakitError(f"adapter '{name}' has modules_to_save {config.modules_to_save}; these whole-module "
-                               f"copies cannot differ per row in a mixed-adapter batch")
+        peft_type = getattr(config, "peft_type", "LORA")
+        if peft_type not in _MIXABLE_TYPES:
+            raise LorakitError(f"adapter '{name}' is {peft_type}; mixed-adapter batches serve LoRA-family and "
+                               f"AdaLoRA adapters")
         if getattr(config, "bias", "none") != "none":
             raise LorakitError(f"adapter '{name}' trains biases (bias='{config.bias}'); a shared base bias cannot "
                                f"differ per row in a mixed-adapter batch")
     for module_name, layer in lora_model.adapter_layers():
         for name in names:
-            if name in layer.merged_adapters:
+            if name in getattr(layer, "merged_adapters", ()):
                 raise LorakitError(f"adapter '{name}' is merged into {module_name}; unmerge it before a mixed batch")
-            if layer.has_adapter(name) and not (isinstance(layer, LoraLayer) and layer.variants[name] is PLAIN):
-                raise LorakitError(f"adapter '{name}' is not a plain LoRA adapter in {module_name} (DoRA or another "
-                                   f"variant); mixed-adapter batches support plain LoRA only")
+            if type(layer) not in _FACTORS and layer.has_adapter(name):
+                raise LorakitError(f"adapter '{name}' adapts {module_name} with a {type(layer).__name__}; "
+                                   f"mixed-adapter batches serve LoRA-family and AdaLoRA layers")
+
+
+class LayerStack:
+    """One adapted layer's adapters, stacked and zero-padded to r_max (module docstring):
+    A_t (N+1, in, r_max), B_t (N+1, r_max, out), and for DoRA G_t (N+1, out) (1 where plain)."""
+
+    def __init__(self, layer: nn.Module, names: Sequence[str], slots: dict[str, int]):
+        factors = {n: _FACTORS[type(layer)](layer, n) for n in names if layer.has_adapter(n)}
+        r_max = max(A.shape[0] for A, _, _ in factors.values())
+        weight = next(iter(factors.values()))[0]
+        self.layer = layer
+        self.A_t = weight.new_zeros(len(names) + 1, layer.in_features, r_max)
+        self.B_t = weight.new_zeros(len(names) + 1, r_max, layer.out_features)
+        has_dora = any(g is not None for _, _, g in factors.values())
+        self.G_t = weight.new_ones(len(names) + 1, layer.out_features) if has_dora else None
+        for name, (A, B, g) in factors.items():
+            slot, r = slots[name], A.shape[0]
+            self.A_t[slot, :, :r] = A.T
+            self.B_t[slot, :r, :] = B.T
+            if g is not None:
+                self.G_t[slot] = g
+        bias = getattr(layer.base_layer, "bias", None)
+        self.bias = bias.detach() if has_dora and bias is not None else None  # DoRA scales W x, not b
+
+
+class WrapperStack:
+    """One ``modules_to_save`` wrapper: module 0 the original, then each adapter's own copy;
+    ``choice`` (N+1,) maps an adapter slot to the module its rows run through."""
+
+    def __init__(self, wrapper: ModulesToSaveWrapper, names: Sequence[str], slots: dict[str, int]):
+        self.wrapper = wrapper
+        self.modules = [wrapper.original_module]
+        self.choice = torch.zeros(len(names) + 1, dtype=torch.long)
+        for name in names:
+            if name in wrapper.modules_to_save:
+                self.choice[slots[name]] = len(self.modules)
+                self.modules.append(wrapper.modules_to_save[name])
 
 
 class AdapterStacks:
-    """The stacked, zero-padded A and B of ``names`` for every adapted layer (see module
-    docstring). Build once per adapter set and reuse for every batch; slot 0 is the base."""
+    """The stacked adapters of ``names`` for every adapted layer and ``modules_to_save`` wrapper
+    (see module docstring). Built once per adapter set (DoRA's g computed here, not per step) and
+    reused for every batch; slot 0 is the base."""
 
     def __init__(self, lora_model, names: Sequence[str]):
         check_mixable(lora_model, names)
         self.names = list(names)
         self.slots = {name: i + 1 for i, name in enumerate(self.names)}
-        self.layers = []  # (layer, A_t (N+1, in, r_max), B_t (N+1, r_max, out))
         with torch.no_grad():
-            for _, layer in lora_model.adapter_layers():
-                present = [n for n in self.names if n in layer.lora_A]
-                if not present:
-                    continue
-                r_max = max(layer.r[n] for n in present)
-                weight = layer.lora_A[present[0]].weight
-                slots = len(self.names) + 1
-                A_t = weight.new_zeros(slots, layer.in_features, r_max)
-                B_t = weight.new_zeros(slots, r_max, layer.out_features)
-                for name in present:
-                    slot, r = self.slots[name], layer.r[name]
-                    A_t[slot, :, :r] = layer.lora_A[name].weight.T
-                    B_t[slot, :r, :] = layer.lora_B[name].weight.T * layer.scaling[name]
-                self.layers.append((layer, A_t, B_t))
+            self.layers = [LayerStack(layer, self.names, self.slots) for _, layer in lora_model.adapter_layers()
+                           if any(layer.has_adapter(n) for n in self.names)]
+        self.wrappers = [WrapperStack(w, self.names, self.slots) for w in lora_model._wrappers()]
 
     def slot_ids(self, row_adapters: Sequence[str | None], device=None) -> torch.Tensor:
         """(B,) slot index per row: None, "" or -1 -> base (slot 0)."""
@@ -99,51 +157,154 @@ class AdapterStacks:
 
 
 class RowIds:
-    """The per-row slot ids shared by every layer of one mixed batch; ``select`` keeps the rows
-    that are still generating (after the KV cache drops finished rows)."""
+    """The per-row slot ids shared by every layer of one mixed batch. ``select`` keeps the rows
+    still generating, ``set`` replaces them (rows joined or left a running batch); either bumps
+    ``version``, so layers re-gather their rows' weights once, not at every step."""
 
     def __init__(self, ids: torch.Tensor):
+        self.set(ids)
+        self.version = 0
+
+    def set(self, ids: torch.Tensor) -> None:
         self.ids = ids
-        self.version = 0  # bumped when the rows change, so layers re-gather their weights
+        self.version = getattr(self, "version", -1) + 1
         self.any_adapter = bool((ids != BASE_SLOT).any())
 
     def select(self, keep: torch.Tensor) -> None:
-        self.ids = self.ids.index_select(0, keep.to(self.ids.device))
-        self.version += 1
-        self.any_adapter = bool((self.ids != BASE_SLOT).any())
+        self.set(self.ids.index_select(0, keep.to(self.ids.device)))
+
+
+def _row_ids_for(ids: torch.Tensor, batch: int) -> torch.Tensor:
+    if batch != ids.shape[0]:
+        if batch % ids.shape[0]:
+            raise LorakitError(f"mixed batch has {ids.shape[0]} row adapters but the layer sees {batch} rows")
+        ids = ids.repeat_interleave(batch // ids.shape[0])  # beams / num_return_sequences
+    return ids
+
+
+# Below this many rows per adapter in use, the side-by-side form costs more matmul work (B·U·r
+# columns) than it saves in memory reads, and each row gets its own gathered copy instead.
+_SIDE_BY_SIDE_MIN_ROWS_PER_ADAPTER = 4
 
 
 class _RowLora:
-    """The per-layer callable LoraLayer.forward delegates to inside ``mixed_adapters``.
+    """The per-layer callable an adapter layer's forward delegates to inside ``mixed_adapters``.
+    Prepared once per row set (never per step), in one of two exact forms:
 
-    The rows' A and B are gathered once per row set and reused by every decoding step (a
-    decode step is tiny, so per-step gathers and extra ops would cost more than the matmuls)."""
+    side by side, when the B rows use few adapters U (B >= 4 U): each adapter in use read once,
 
-    def __init__(self, A_t: torch.Tensor, B_t: torch.Tensor, rows: RowIds):
-        self.A_t, self.B_t, self.rows = A_t, B_t, rows
-        self._gathered: tuple = (None, None, None)  # (key, A (B, in, r), B (B, r, out))
+        A_u: (in, U·r)   B_u: (U·r, out)   M: (B, 1, U·r), 1 on the block of row b's adapter
+        h = (x A_u) ⊙ M      (B, T, U·r): each row keeps its own adapter's r columns
 
-    def _row_weights(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    per row, otherwise: A: (B, in, r), B: (B, r, out) gathered, h = x A (B, T, r) by bmm. Then
+
+        plain rows:  y = result + h B
+        DoRA rows:   y = bias + g_b ⊙ (result - bias + h B)   (g = 1 for non-DoRA rows)
+
+    A decode step reads the weights of a layer once; per-row copies of the same adapter would
+    read it once per row (at 32 rows over 8 adapters of rank 16 on SmolLM2's q, k, v, up and down
+    that is 4x the adapter bytes, ~0.8x the base weights, per step)."""
+
+    def __init__(self, stack: LayerStack, rows: RowIds):
+        self.stack, self.rows = stack, rows
+        self._gathered: tuple = (None,) * 5  # (key, A, B, M or None, g (B, 1, out) or None)
+
+    def _row_weights(self, batch: int) -> tuple:
         key = (self.rows.version, batch)
         if self._gathered[0] != key:
-            ids = self.rows.ids
-            if batch != ids.shape[0]:
-                if batch % ids.shape[0]:
-                    raise LorakitError(f"mixed batch has {ids.shape[0]} row adapters but the layer sees {batch} rows")
-                ids = ids.repeat_interleave(batch // ids.shape[0])  # beams / num_return_sequences
-            self._gathered = (key, self.A_t.index_select(0, ids), self.B_t.index_select(0, ids))
-        return self._gathered[1], self._gathered[2]
+            ids, stack = _row_ids_for(self.rows.ids, batch), self.stack
+            used = ids[ids != BASE_SLOT].unique()  # (U,) sorted
+            g = stack.G_t.index_select(0, ids).unsqueeze(1) if stack.G_t is not None else None
+            if used.numel() * _SIDE_BY_SIDE_MIN_ROWS_PER_ADAPTER > batch:  # per row
+                self._gathered = (key, stack.A_t.index_select(0, ids), stack.B_t.index_select(0, ids), None, g)
+                return self._gathered[1:]
+            in_features, r = stack.A_t.shape[1], stack.A_t.shape[2]
+            A = stack.A_t.index_select(0, used).permute(1, 0, 2).reshape(in_features, -1)  # (in, U·r)
+            B = stack.B_t.index_select(0, used).reshape(-1, stack.B_t.shape[2])  # (U·r, out)
+            mask = None
+            if used.numel() > 1 or bool((ids == BASE_SLOT).any()):
+                block = (ids[:, None] == used[None, :]).to(A.dtype)  # (B, U)
+                mask = block.repeat_interleave(r, dim=1)[:, None, :]  # (B, 1, U·r)
+            self._gathered = (key, A, B, mask, g)
+        return self._gathered[1:]
 
     def __call__(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         if not self.rows.any_adapter:
             return result
         batch = x.shape[0]
-        A, B = self._row_weights(batch)
-        h = torch.bmm(x.reshape(batch, -1, x.shape[-1]).to(A.dtype), A)  # (B, T, r)
-        if result.dtype == B.dtype and result.is_contiguous():
-            # result + h @ B in one op: (B, T, out)
-            return torch.baddbmm(result.reshape(batch, -1, result.shape[-1]), h, B).reshape(result.shape)
-        return result + torch.bmm(h, B).reshape(result.shape).to(result.dtype)
+        A, B, mask, g = self._row_weights(batch)
+        if A.dim() == 3:  # per row
+            h = torch.bmm(x.reshape(batch, -1, x.shape[-1]).to(A.dtype), A)  # (B, T, r)
+        else:  # side by side
+            h = (x.reshape(-1, x.shape[-1]).to(A.dtype) @ A).view(batch, -1, A.shape[1])  # (B, T, U·r)
+            if mask is not None:
+                h = h * mask
+        rows = result.reshape(batch, -1, result.shape[-1])  # (B, T, out)
+        if g is None:
+            if result.dtype == B.dtype:
+                return _add_product(rows, h, B).reshape(result.shape)
+            return result + _add_product(torch.zeros_like(rows, dtype=B.dtype), h, B).reshape(result.shape).to(
+                result.dtype)
+        bias = self.stack.bias
+        z = _add_product(rows.to(B.dtype) if bias is None else rows.to(B.dtype) - bias, h, B)  # (B, T, out)
+        y = z.mul_(g) if bias is None else torch.addcmul(bias.to(z.dtype), z, g)
+        return y.reshape(result.shape).to(result.dtype)
+
+
+def _add_product(base: torch.Tensor, h: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """base + h @ B in one op, a new tensor: h (B, T, k) with per-row B (B, k, out) or a shared
+    B (k, out); base (B, T, out)."""
+    if B.dim() == 3:
+        return torch.baddbmm(base, h, B)
+    return torch.addmm(base.reshape(-1, base.shape[-1]), h.reshape(-1, h.shape[-1]), B).view(base.shape)
+
+
+class _RowModules:
+    """The callable a ``modules_to_save`` wrapper delegates to inside ``mixed_adapters``: each row
+    runs through its adapter's own copy of the module (or the original), grouped by module."""
+
+    def __init__(self, stack: WrapperStack, rows: RowIds):
+        self.stack, self.rows = stack, rows
+
+    def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        choice = self.stack.choice.to(self.rows.ids.device)[_row_ids_for(self.rows.ids, x.shape[0])]  # (B,)
+        used = choice.unique().tolist()
+        if len(used) == 1:
+            return self.stack.modules[used[0]](x, *args, **kwargs)
+        out = None
+        for k in used:
+            index = (choice == k).nonzero().squeeze(1)
+            part = self.stack.modules[k](x.index_select(0, index), *args, **kwargs)
+            if out is None:
+                out = part.new_empty((x.shape[0],) + part.shape[1:])
+            out.index_copy_(0, index, part)
+        return out
+
+
+class MixedRows:
+    """The per-row callables of one running batch, kept across forwards: a generation loop
+    changes ``rows`` when rows join or leave, and installs the callables on the model only for
+    its own forwards (``installed()``), so the model is a plain multi-adapter model in between
+    and each layer gathers its rows' weights once per row set, not once per step."""
+
+    def __init__(self, stacks: AdapterStacks, ids: torch.Tensor):
+        self.stacks = stacks
+        self.rows = RowIds(ids.to(stacks.layers[0].A_t.device) if stacks.layers else ids)
+        self.hooks = [(s.layer, _RowLora(s, self.rows)) for s in stacks.layers]
+        self.hooks += [(s.wrapper, _RowModules(s, self.rows)) for s in stacks.wrappers]
+
+    @contextmanager
+    def installed(self):
+        modules = [module for module, _ in self.hooks]
+        if any("mixed_batch" in module.__dict__ for module in modules):
+            raise LorakitError("a mixed-adapter batch is already running on this model; run batches one at a time")
+        try:
+            for module, hook in self.hooks:
+                module.mixed_batch = hook
+            yield self.rows
+        finally:
+            for module in modules:
+                module.__dict__.pop("mixed_batch", None)
 
 
 @contextmanager
@@ -151,20 +312,7 @@ def mixed_adapters(stacks: AdapterStacks, row_adapters: Sequence[str | None] | t
     """Inside this context every forward of the model uses row b's own adapter.
 
     ``row_adapters``: one adapter name (or None for the base) per batch row, or a tensor of
-    slot ids. Yields the ``RowIds`` so a generation loop can drop finished rows."""
-    if isinstance(row_adapters, torch.Tensor):
-        ids = row_adapters.long()
-    else:
-        ids = stacks.slot_ids(row_adapters)
-    layers = [layer for layer, _, _ in stacks.layers]
-    busy = [layer for layer in layers if "mixed_batch" in layer.__dict__]
-    if busy:
-        raise LorakitError("a mixed-adapter batch is already running on this model; run batches one at a time")
-    rows = RowIds(ids.to(stacks.layers[0][1].device) if stacks.layers else ids)
-    try:
-        for layer, A_t, B_t in stacks.layers:
-            layer.mixed_batch = _RowLora(A_t, B_t, rows)
+    slot ids. Yields the ``RowIds`` so a generation loop can change the rows it runs."""
+    ids = row_adapters.long() if isinstance(row_adapters, torch.Tensor) else stacks.slot_ids(row_adapters)
+    with MixedRows(stacks, ids).installed() as rows:
         yield rows
-    finally:
-        for layer in layers:
-            layer.__dict__.pop("mixed_batch", None)

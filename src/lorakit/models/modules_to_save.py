@@ -14,6 +14,10 @@ from torch import nn
 
 
 class ModulesToSaveWrapper(nn.Module):
+    # Per-row module choice for one batch: a callable with the forward's arguments, set by
+    # lorakit.inference.mixed inside ``mixed_adapters(...)``; None outside it.
+    mixed_batch = None
+
     def __init__(self, original_module: nn.Module):
         super().__init__()
         self.original_module = original_module
@@ -44,4 +48,6 @@ class ModulesToSaveWrapper(nn.Module):
         return self.current_module().weight
 
     def forward(self, *args, **kwargs):
+        if self.mixed_batch is not None and not self.disable_adapters:
+            return self.mixed_batch(*args, **kwargs)
         return self.current_module()(*args, **kwargs)

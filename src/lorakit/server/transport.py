@@ -7,7 +7,7 @@ What one connection may cost, and where each bound is enforced:
                        of the request (then the connection is closed: uvicorn itself has no such
                        deadline, so a client sending a header byte now and then held it for ever)
     request body       at most ``Limits.max_body_bytes`` (413), complete within
-                       ``Limits.body_timeout_s`` of its headers (408); both in app._Guard
+                       ``Limits.body_timeout_s`` of its headers (408); both in guard.Guard
     idle keep-alive    ``KEEP_ALIVE_S`` between requests (uvicorn's own timer)
 """
 

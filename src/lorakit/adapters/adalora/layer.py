@@ -28,6 +28,10 @@ from lorakit.errors import LorakitError
 class AdaLoraLayer(nn.Module):
     """Wraps ``base_layer`` and adds named AdaLoRA adapters; see module docstring for the math."""
 
+    # Per-row adapters for one batch: a callable (x, base_result) -> result set by
+    # lorakit.inference.mixed inside ``mixed_adapters(...)`` (as on LoraLayer); None outside it.
+    mixed_batch = None
+
     def __init__(self, base_layer: nn.Module):
         super().__init__()
         self.base_layer = base_layer
@@ -109,6 +113,8 @@ class AdaLoraLayer(nn.Module):
         if self.disable_adapters:
             check_disable_allowed(self)
             return result
+        if self.mixed_batch is not None:
+            return self.mixed_batch(x, result)
         for name in pending_adapters(self):
             result = result + self.adapter_output(name, x).to(result.dtype)
         return result
