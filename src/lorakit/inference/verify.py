@@ -37,9 +37,11 @@ from lorakit.errors import LorakitError
 BUILTIN_PROMPTS = ["What is the capital of France?", "Give me one tip for writing clear code.",
                    "Explain what a kettle does in one sentence.", "Name three primary colors."]
 FP32_TOLERANCE = 1e-6
-# mean KL (nats) per weight type; the measured values on the quickstart adapter of the built-in
-# model (5 eval prompts) are in the README: f16 ~1e-6, q8_0 ~1e-3, q4_0 ~4e-2
-GGUF_TOLERANCE = {"F32": 1e-6, "F16": 1e-4, "BF16": 1e-3, "Q8_0": 1e-2, "Q4_0": 0.15}
+# mean KL (nats) a correct export of each weight type stays under. Measured on the quickstart
+# adapter of the built-in 135M model (5 eval prompts): f16 2.7e-6, q8_0 2.6e-3, q4_0 0.47 (4 bits
+# cost a model this small a lot); the same f16 export with q/k rows left unpermuted (a layout
+# bug) measures 1.11. The bounds sit between: they flag broken exports, not lossy ones.
+GGUF_TOLERANCE = {"F32": 1e-6, "F16": 1e-4, "BF16": 1e-3, "Q8_0": 0.05, "Q4_0": 0.75}
 EXACT_ANSWERS = {"F32", "F16"}
 
 
@@ -219,7 +221,7 @@ def verify(adapter: str | Path, merged: str | Path | None = None, export: str | 
                                                           dtype=torch.float32).eval()
         gguf_tok = AutoTokenizer.from_pretrained(str(export.parent), gguf_file=export.name)
         answers, tokens, logits = run_model_stage("gguf", gguf_model, gguf_tok, prompts, max_new_tokens)
-        result = StageResult(f"gguf ({kind.lower()})", answers, tokens, tolerance=GGUF_TOLERANCE.get(kind, 0.25),
+        result = StageResult(f"gguf ({kind.lower()})", answers, tokens, tolerance=GGUF_TOLERANCE.get(kind, 0.75),
                              exact_required=kind in EXACT_ANSWERS,
                              metadata_problems=metadata_differences(tokenizer, gguf_tok, ref_stops,
                                                                     stop_ids(gguf_model, gguf_tok)))
