@@ -84,7 +84,8 @@ def test_csv_kto_labels_and_eval_of_another_kind_is_an_error(tmp_path, smol_toke
 def test_pair_batches_hold_chosen_rows_then_rejected_rows(tmp_path, smol_tokenizer):
     rows = [dict(PAIR, prompt=f"{PAIR['prompt']} ({i})") for i in range(5)]
     train, _, _ = build_datasets(DataConfig(train=write_jsonl(tmp_path / "p.jsonl", rows)), smol_tokenizer)
-    batches = make_preference_batches(train, 2, smol_tokenizer.pad_token_id, shuffle=True, seed=3, group_by_length=True)
+    batches = make_preference_batches(train, 2, smol_tokenizer.pad_token_id, False, 1024, shuffle=True, seed=3,
+                                      group_by_length=True)
     assert [b["input_ids"].shape[0] for b in batches] == [4, 4, 2]  # 2B rows: every pair once
     seen = sorted(json.dumps(b["input_ids"][i, : int(b["attention_mask"][i].sum())].tolist())
                   for b in batches for i in range(b["input_ids"].shape[0] // 2))

@@ -39,6 +39,7 @@ from lorakit.data.batching import collate, plan_batches
 from lorakit.data.formats import ROLES, _check_encodable, _messages, _text_field
 from lorakit.data.readers import BadRow
 from lorakit.data.templates import IGNORE_INDEX, tokenize_conversation
+from lorakit.errors import LorakitError
 
 _ROLE_MAP = {r: r for r in ROLES}
 
@@ -163,10 +164,13 @@ def collate_for(samples: list[dict]):
     return collate_pairs if samples and "chosen_ids" in samples[0] else collate_kto
 
 
-def make_preference_batches(samples: list[dict], batch_size: int, pad_token_id: int, shuffle: bool, seed: int,
-                            group_by_length: bool = False, max_seq_len: int = 1024) -> list[dict]:
+def make_preference_batches(samples: list[dict], batch_size: int, pad_token_id: int, packing: bool,
+                            max_seq_len: int, shuffle: bool, seed: int, group_by_length: bool = False) -> list[dict]:
     """Batches of ``batch_size`` samples (pairs or KTO rows), a pure function of the samples,
-    ``seed`` and the settings, planned exactly as SFT batches are (``plan_batches``, unpacked)."""
+    ``seed`` and the settings, planned exactly as SFT batches are (``plan_batches``); the same
+    signature as ``make_batches``, but never packed (each sequence is summed on its own row)."""
+    if packing:
+        raise LorakitError("data.packing is not supported for preference rows yet; set data.packing: false")
     lengths = [sample_length(s) for s in samples]
     plan = plan_batches(lengths, batch_size, False, max_seq_len, shuffle, seed, group_by_length)
     collate_fn = collate_for(samples)
