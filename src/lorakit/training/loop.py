@@ -283,7 +283,7 @@ def _model_and_data(config: TrainingConfig, accelerator):
     from lorakit.data import build_datasets, make_batches
     from lorakit.data.batching import resolve_packing
     from lorakit.data.preference import make_preference_batches
-    from lorakit.training.preference import Reference, precompute_reference
+    from lorakit.training.preference import Reference, disable_dropout, precompute_reference
 
     from lorakit.models.load import load_tokenizer
 
@@ -323,6 +323,9 @@ def _model_and_data(config: TrainingConfig, accelerator):
     if args.compile is not False:
         _log(accelerator, message)
     reference = None
+    if preference and disable_dropout(model):
+        _log(accelerator, f"dropout off for train.objective {args.objective} (policy and reference log-probs "
+                          f"must be comparable; TRL's disable_dropout)")
     if preference:
         reference = Reference(frozen=frozen.to(accelerator.device)) if frozen is not None else Reference(model=model)
     objective = make_objective(args, reference)

@@ -22,6 +22,18 @@ from lorakit.data.preference import collate_for
 from lorakit.training.logprobs import sequence_logps
 
 
+def disable_dropout(model) -> int:
+    """Set every dropout of ``model`` to p = 0 (as TRL's trainers do by default, disable_dropout):
+    the policy's log-probs must be comparable with the reference's, which run without dropout.
+    Returns how many dropout modules were switched off."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout) and module.p > 0:
+            module.p = 0.0
+            count += 1
+    return count
+
+
 @contextmanager
 def _eval_mode(model):
     was_training = model.training
