@@ -221,3 +221,17 @@ def test_every_method_starts_at_its_reference_and_learns(tiny_llama_dir, tmp_pat
     start = {"dpo": math.log(2), "ipo": (1 / (2 * 0.1)) ** 2, "kto": 0.5}[objective]
     assert losses[1] == pytest.approx(start, abs=1e-5)  # policy = reference before the first update
     assert losses[4] < losses[1]
+
+
+@pytest.mark.parametrize("method,lora", [
+    ("qlora", {"r": 4, "lora_alpha": 8, "target_modules": TARGETS, "compute_dtype": "float32"}),
+    ("adalora", {"init_r": 4, "target_r": 2, "tinit": 1, "tfinal": 1, "lora_alpha": 8, "target_modules": TARGETS}),
+])
+def test_qlora_and_adalora_smoke(tiny_llama_dir, tmp_path, method, lora):
+    pytest.importorskip("bitsandbytes") if method == "qlora" else None
+    config = _config(tiny_llama_dir, tmp_path, method, method=method, lora=lora, max_steps=3, batch_size=6, lr=2e-2)
+    result = train(config, progress=False)
+    # QLoRA's reference is the same 4-bit base with the adapter off; AdaLoRA starts with Λ = 0
+    assert result.losses[1] == pytest.approx(math.log(2), abs=1e-5)
+    assert all(math.isfinite(loss) for loss in result.losses.values()) and result.losses[3] != result.losses[1]
+    assert (tmp_path / method / "adapter_model.safetensors").is_file()
