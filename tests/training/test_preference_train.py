@@ -182,7 +182,9 @@ def test_interrupted_dpo_run_resumes_with_identical_losses(tiny_llama_dir, tmp_p
     assert step_losses(tmp_path / "cut") == pytest.approx(step_losses(tmp_path / "whole"), abs=1e-6)
 
 
-def test_metrics_rows_carry_trl_reward_names(tiny_llama_dir, tmp_path):
+def test_metrics_rows_carry_trl_reward_names_and_eval_reports_preference_accuracy(tiny_llama_dir, tmp_path, capsys):
+    from lorakit.cli import main
+
     config = _config(tiny_llama_dir, tmp_path, "metrics", max_steps=3, logging_steps=1)
     config.data.eval = config.data.train
     result = train(config, progress=False)
@@ -197,6 +199,19 @@ def test_metrics_rows_carry_trl_reward_names(tiny_llama_dir, tmp_path):
     evals = [r for r in rows if "eval_loss" in r]
     assert evals[0]["eval_rewards/accuracies"] == 0.0 and "eval_rewards/accuracies" in evals[-1]
     assert result.eval_metrics["rewards/accuracies"] == evals[-1]["eval_rewards/accuracies"]
+    # lorakit eval on the held-out preference file: the same figures as the run's final evaluation
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(tmp_path / "metrics"), "--data", config.data.eval,
+                 "--max-seq-len", "96"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert "preference accuracy" in printed[0]
+    reported = json.loads(printed[-1])
+    assert reported["rewards/accuracies"] == result.eval_metrics["rewards/accuracies"]
+    assert reported["loss"] == pytest.approx(result.eval_loss, abs=1e-5)
+    assert main(["eval", "--model", str(tiny_llama_dir), "--data", config.data.eval, "--max-seq-len", "96"]) == 0
+    base = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert base["rewards/accuracies"] == 0.0 and base["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert base["logps/accuracies"] == evals[0]["eval_logps/accuracies"]
 
 
 METHODS = {

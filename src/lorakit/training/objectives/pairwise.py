@@ -13,7 +13,8 @@ SimPO with cpo_alpha > 0 a weighted NLL term on the chosen rows (a token mean ov
 Metrics with TRL's names, as means over pairs: rewards/chosen, rewards/rejected (β (π - π_ref)
 for DPO / IPO; β π̄ for SimPO / ORPO, which have no reference), rewards/margins,
 rewards/accuracies (share of pairs whose chosen reward is strictly larger), logps/chosen,
-logps/rejected (π); plus nll_loss for ORPO / SimPO.
+logps/rejected (π), logps/accuracies (share of pairs with π_c > π_r: the model itself prefers the
+chosen answer, reference or not); plus nll_loss for ORPO / SimPO.
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ class PairObjective:
             "rewards/accuracies": float((chosen_rewards > rejected_rewards).sum()),
             "rewards/margins": float((chosen_rewards - rejected_rewards).sum()),
             "logps/chosen": float(detached[:pairs].sum()), "logps/rejected": float(detached[pairs:].sum()),
+            "logps/accuracies": float((detached[:pairs] > detached[pairs:]).sum()),
         })
         return share, figures
 
@@ -121,6 +123,6 @@ class PairObjective:
             out["loss"] += self.nll_weight * nll
             out["nll_loss"] = nll
         for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-                    "logps/chosen", "logps/rejected"):
+                    "logps/chosen", "logps/rejected", "logps/accuracies"):
             out[key] = sums.get(key, 0.0) / pairs
         return out

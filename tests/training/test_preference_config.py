@@ -1,0 +1,60 @@
+"""Preference settings in the training config: TRL's names, one-line errors for bad values, and
+an objective that does not fit the rows (or packing) refused before any model is loaded."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from lorakit_tiny import tiny_llama_dir  # noqa: F401 (fixture)
+
+from lorakit.config import TrainingConfig, load_config
+from lorakit.errors import LorakitError
+from lorakit.training import train
+
+
+def test_trl_names_load_and_are_checked():
+    config = load_config(None, ["train.objective=simpo", "train.beta=2.0", "train.simpo_gamma=0.5",
+                                "train.cpo_alpha=0", "train.label_smoothing=0.1",
+                                "train.precompute_ref_log_probs=true"])
+    args = config.train
+    assert (args.objective, args.beta, args.simpo_gamma, args.label_smoothing) == ("simpo", 2.0, 0.5, 0.1)
+    assert args.precompute_ref_log_probs is True and TrainingConfig().train.objective == "sft"
+    with pytest.raises(LorakitError, match=r"train.objective 'dop' is unknown.*dpo"):
+        load_config(None, ["train.objective=dop"])
+    for override, message in (("train.beta=0", "train.beta must be a finite number > 0"),
+                              ("train.label_smoothing=0.5", "train.label_smoothing must be"),
+                              ("train.desirable_weight=-1", "train.desirable_weight must be"),
+                              ("train.precompute_ref_log_probs=yes please", "must be true or false")):
+        with pytest.raises(LorakitError, match=message) as err:
+            load_config(None, [override])
+        assert "\n" not in str(err.value)
+
+
+def _config(model_dir, tmp_path, rows, **train_args):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return TrainingConfig.from_dict({"model": str(model_dir), "lora": {"r": 2, "target_modules": ["q_proj"]},
+                                     "data": {"train": str(path), **train_args.pop("data", {})},
+                                     "train": {"max_steps": 1, "precision": "fp32", **train_args},
+                                     "output_dir": str(tmp_path / "out")})
+
+
+PAIR = {"prompt": "p", "chosen": "a", "rejected": "b"}
+CHAT = {"messages": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "a"}]}
+
+
+@pytest.mark.parametrize("rows,objective,message", [
+    ([PAIR], "sft", "train.objective sft trains on conversations .* has preference rows"),
+    ([CHAT], "dpo", r"train.objective dpo trains on \{prompt, chosen, rejected\} rows, but .* has chat rows"),
+    ([PAIR], "kto", r"train.objective kto trains on \{prompt, completion, label\} rows"),
+])
+def test_objective_must_fit_the_rows(tiny_llama_dir, tmp_path, rows, objective, message):
+    with pytest.raises(LorakitError, match=message):
+        train(_config(tiny_llama_dir, tmp_path, rows, objective=objective), progress=False)
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_packing_true_is_refused_for_preference_rows(tiny_llama_dir, tmp_path):
+    with pytest.raises(LorakitError, match="data.packing is not supported with train.objective dpo"):
+        train(_config(tiny_llama_dir, tmp_path, [PAIR], objective="dpo", data={"packing": True}), progress=False)
