@@ -58,3 +58,23 @@ def test_objective_must_fit_the_rows(tiny_llama_dir, tmp_path, rows, objective, 
 def test_packing_true_is_refused_for_preference_rows(tiny_llama_dir, tmp_path):
     with pytest.raises(LorakitError, match="data.packing is not supported with train.objective dpo"):
         train(_config(tiny_llama_dir, tmp_path, [PAIR], objective="dpo", data={"packing": True}), progress=False)
+
+
+def test_checkpoint_from_before_objectives_existed_still_resumes(tiny_llama_dir, tmp_path):
+    """A checkpoint written before train.objective & co. existed records no such keys: it resumes as sft."""
+    from lorakit.training.checkpoint import latest_checkpoint
+
+    rows = [CHAT] * 4
+    train(_config(tiny_llama_dir, tmp_path, rows, save_every=1, batch_size=2), progress=False)
+    state_path = latest_checkpoint(tmp_path / "out") / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    for key in ("objective", "beta", "label_smoothing", "simpo_gamma", "cpo_alpha", "desirable_weight",
+                "undesirable_weight", "precompute_ref_log_probs"):
+        del state["config"]["train"][key]
+    state_path.write_text(json.dumps(state))
+    resumed = train(_config(tiny_llama_dir, tmp_path, rows, save_every=1, batch_size=2, max_steps=2, resume=True),
+                    progress=False)
+    assert sorted(resumed.losses) == [2]
+    with pytest.raises(LorakitError, match="'train.objective' was 'sft' there and is 'dpo' now"):
+        train(_config(tiny_llama_dir, tmp_path, [PAIR] * 4, objective="dpo", max_steps=3, batch_size=2,
+                             resume=True), progress=False)

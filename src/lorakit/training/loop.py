@@ -129,8 +129,12 @@ def _lookup(data: dict, dotted: str):
 
 
 def _check_resume_config(saved: dict, current: dict, where: Path) -> None:
+    from lorakit.config import TrainArgs
+
     for key in _RESUME_MUST_MATCH:
         before, now = _lookup(saved, key), _lookup(current, key)
+        if before is None and key.startswith("train."):  # a key added since the checkpoint: its default then
+            before = getattr(TrainArgs(), key.partition(".")[2], None)
         if before != now:
             raise LorakitError(f"cannot resume from {where}: '{key}' was {before!r} there and is {now!r} now; "
                                f"restore it or train into a new output_dir")
