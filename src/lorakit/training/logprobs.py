@@ -9,7 +9,9 @@ where z_{b,t-1} (V,) are the logits at position t-1. On a model whose output hea
 applied selectively (``evaluate._plain_head_model``: a plain head, no DDP wrapper, no forward
 of its own) the decoder runs on every token and the head only on the N masked positions,
 (N, H) -> (N, V), instead of (B, T, V) logits; elsewhere the model's own forward gives the
-logits. Logits are formed in the head's dtype (bf16 on a bf16 base) and reduced in fp32.
+logits; a frozen plain head (LoRA and its variants) goes through ``fused_logps``, which keeps no
+(N, V) tensor for backward. Logits are formed in the head's dtype (bf16 on a bf16 base) and
+reduced in fp32.
 """
 
 from __future__ import annotations
@@ -18,24 +20,33 @@ import torch
 
 from lorakit.data import IGNORE_INDEX
 from lorakit.training.evaluate import _plain_head_model
+from lorakit.training.fused_logps import frozen_head_token_logps
 
 
-def _masked_logits(model, input_ids, attention_mask, keep) -> torch.Tensor:
-    """(N, V) logits of the positions where ``keep`` (B, T-1) is true (each predicting the next token)."""
+def _from_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = logits.float()                                                     # (N, V)
+    return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+
+
+def _scored_logps(model, input_ids, attention_mask, keep) -> torch.Tensor:
+    """(N,) fp32 log-probs of the tokens after the positions where ``keep`` (B, T-1) is true."""
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+    targets = input_ids[:, 1:][keep]                                            # position t-1 predicts token t
     lm = _plain_head_model(model)
-    if lm is not None:
-        hidden = getattr(lm, lm.base_model_prefix)(**inputs)[0]   # (B, T, H)
-        return lm.get_output_embeddings()(hidden[:, :-1][keep])   # (N, V)
-    return model(**inputs).logits[:, :-1][keep]                   # (B, T-1, V) -> (N, V)
+    if lm is None:                                                              # the model's own forward
+        return _from_logits(model(**inputs).logits[:, :-1][keep], targets)      # (B, T-1, V) -> (N, V)
+    rows = getattr(lm, lm.base_model_prefix)(**inputs)[0][:, :-1][keep]        # (B, T, H) -> (N, H)
+    head = lm.get_output_embeddings()
+    frozen = not any(p.requires_grad for p in head.parameters())
+    if type(head) is torch.nn.Linear and frozen:  # chunked, no (N, V) logits kept (fused_logps)
+        return frozen_head_token_logps(rows, head.weight, head.bias, targets)
+    return _from_logits(head(rows), targets)                                     # (N, V)
 
 
 def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 keep: torch.Tensor) -> torch.Tensor:
     """(B, T-1) fp32 log-probabilities of tokens 1..T-1, zero where ``keep`` (B, T-1) is false."""
-    targets = input_ids[:, 1:]                                    # position t-1 predicts token t
-    logits = _masked_logits(model, input_ids, attention_mask, keep).float()
-    picked = logits.gather(1, targets[keep][:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)  # (N,)
+    picked = _scored_logps(model, input_ids, attention_mask, keep)              # (N,)
     out = torch.zeros(keep.shape, dtype=torch.float32, device=picked.device)
     return out.masked_scatter(keep, picked)
 
