@@ -68,10 +68,9 @@ def test_ten_dpo_steps_equal_trl_dpo_trainer_with_peft(tiny_llama_dir, tmp_path)
         "r": 4, "lora_alpha": 8, "target_modules": TARGETS, "lora_dropout": 0.0})
     ours = train(config, progress=False)
     # the adapter lorakit started from: the same seed before injection as in the run
-    base = loop.load_base(config, precision="fp32")[0]
-    torch.manual_seed(config.train.seed)
     from accelerate.utils import set_seed
 
+    base = loop.load_base(config, precision="fp32")[0]
     set_seed(config.train.seed)
     start = loop.inject_adapters(base, config, 10)
 
@@ -99,6 +98,62 @@ def test_ten_dpo_steps_equal_trl_dpo_trainer_with_peft(tiny_llama_dir, tmp_path)
     assert len(trl_losses) == 10
     assert trl_losses[0] == pytest.approx(math.log(2), abs=1e-6)  # policy = reference at the start
     assert trl_losses[-1] < trl_losses[0] - 0.01                   # and it learns
+    for step, expected in enumerate(trl_losses, start=1):
+        assert ours.losses[step] == pytest.approx(expected, abs=1e-4, rel=0), step
+
+
+def _kto_rows(samples):
+    """lorakit's KTO rows as TRL's prompt_ids / completion_ids / KL_completion_ids / label (the KL
+    completion of row i is row i-1's: TRL's rotation within a batch that holds the whole data set)."""
+    def split(ids, labels):
+        marked = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
+        return ids[: marked[0]], ids[marked[0]: marked[-1] + 1]
+
+    parts = [split(s["input_ids"], s["labels"]) for s in samples]
+    return [{"prompt_ids": parts[i][0], "completion_ids": parts[i][1], "KL_completion_ids": parts[i - 1][1],
+             "label": s["desirable"]} for i, s in enumerate(samples)]
+
+
+def test_ten_kto_steps_equal_trl_kto_trainer_with_peft(tiny_llama_dir, tmp_path):
+    from accelerate.utils import set_seed
+    from datasets import Dataset
+    from peft import LoraConfig as PeftLoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import KTOConfig, KTOTrainer
+
+    rows = [{"prompt": f"What is {i} plus {i}?", "completion": f"It is {2 * i + i % 2}.", "label": i % 2 == 0}
+            for i in range(6)]
+    (tmp_path / "kto.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = _config(tiny_llama_dir, tmp_path, "ours", objective="kto", max_steps=10, batch_size=6, beta=0.5,
+                     desirable_weight=1.2, lora={"r": 4, "lora_alpha": 8, "target_modules": TARGETS,
+                                                 "lora_dropout": 0.0})
+    config.data.train = str(tmp_path / "kto.jsonl")
+    ours = train(config, progress=False)
+    base = loop.load_base(config, precision="fp32")[0]
+    set_seed(config.train.seed)
+    start = loop.inject_adapters(base, config, 10)
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    samples, _, _ = build_datasets(config.data, tokenizer)
+    args = KTOConfig(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, per_device_train_batch_size=6,
+                     max_steps=10, learning_rate=1e-2, lr_scheduler_type="constant", optim="adamw_torch",
+                     max_grad_norm=1.0, weight_decay=0.0, beta=0.5, desirable_weight=1.2, save_strategy="no",
+                     logging_steps=1, seed=5, bf16=False)
+    trainer = KTOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32), args=args,
+                         train_dataset=text_dataset(kto=True), processing_class=tokenizer,
+                         peft_config=PeftLoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0))
+    trainer.train_dataset = Dataset.from_list(_kto_rows(samples))
+    same_adapter(trainer, start)
+    trl_losses, compute_loss = [], trainer.compute_loss
+
+    def recording(*a, **kw):
+        loss = compute_loss(*a, **kw)
+        trl_losses.append(float(loss.detach()))
+        return loss
+
+    trainer.compute_loss = recording
+    trainer.train()
+    assert len(trl_losses) == 10 and trl_losses[-1] < trl_losses[0] - 0.01
     for step, expected in enumerate(trl_losses, start=1):
         assert ours.losses[step] == pytest.approx(expected, abs=1e-4, rel=0), step
 
