@@ -305,3 +305,64 @@ def test_qlora_and_adalora_smoke(tiny_llama_dir, tmp_path, method, lora):
     assert result.losses[1] == pytest.approx(math.log(2), abs=1e-5)
     assert all(math.isfinite(loss) for loss in result.losses.values()) and result.losses[3] != result.losses[1]
     assert (tmp_path / method / "adapter_model.safetensors").is_file()
+
+
+def _pair_rows(samples):
+    """lorakit's pairs in the layout of TRL's CPO / ORPO trainers (their tokenize_row output)."""
+    rows = []
+    for s in samples:
+        first = next(i for i, label in enumerate(s["chosen_labels"]) if label != IGNORE_INDEX)
+        row = {"prompt_input_ids": s["chosen_ids"][:first], "prompt_attention_mask": [1] * first}
+        for side in ("chosen", "rejected"):
+            row.update({f"{side}_input_ids": s[f"{side}_ids"], f"{side}_attention_mask": [1] * len(s[f"{side}_ids"]),
+                        f"{side}_labels": s[f"{side}_labels"]})
+        rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize("objective", ["orpo", "simpo"])
+def test_ten_orpo_and_simpo_steps_equal_trl_trainers_with_peft(tiny_llama_dir, tmp_path, objective):
+    from accelerate.utils import set_seed
+    from datasets import Dataset
+    from peft import LoraConfig as PeftLoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    knobs = {"orpo": {"beta": 0.2}, "simpo": {"beta": 2.0, "simpo_gamma": 0.6, "cpo_alpha": 1.0}}[objective]
+    config = _config(tiny_llama_dir, tmp_path, "ours", objective=objective, max_steps=10, batch_size=6, **knobs,
+                     lora={"r": 4, "lora_alpha": 8, "target_modules": TARGETS, "lora_dropout": 0.0})
+    ours = train(config, progress=False)
+    base = loop.load_base(config, precision="fp32")[0]
+    set_seed(config.train.seed)
+    start = loop.inject_adapters(base, config, 10)
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    samples, _, _ = build_datasets(config.data, tokenizer)
+    common = dict(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, per_device_train_batch_size=6,
+                  max_steps=10, learning_rate=1e-2, lr_scheduler_type="constant", optim="adamw_torch",
+                  max_grad_norm=1.0, weight_decay=0.0, save_strategy="no", logging_steps=1, seed=5, bf16=False,
+                  remove_unused_columns=False)
+    if objective == "orpo":
+        from trl.experimental.orpo import ORPOConfig as Config
+        from trl.experimental.orpo import ORPOTrainer as Trainer
+    else:
+        from trl.experimental.cpo import CPOConfig as Config
+        from trl.experimental.cpo import CPOTrainer as Trainer
+
+        knobs = dict(knobs, loss_type="simpo")
+    trainer = Trainer(model=AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32),
+                      args=Config(**common, **knobs), train_dataset=text_dataset(), processing_class=tokenizer,
+                      peft_config=PeftLoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0))
+    trainer.train_dataset = Dataset.from_list(_pair_rows(samples))
+    same_adapter(trainer, start)
+    trl_losses, compute_loss = [], trainer.compute_loss
+
+    def recording(*a, **kw):
+        loss = compute_loss(*a, **kw)
+        trl_losses.append(float(loss.detach()))
+        return loss
+
+    trainer.compute_loss = recording
+    trainer.train()
+    assert len(trl_losses) == 10 and trl_losses[-1] < trl_losses[0] - 0.01
+    for step, expected in enumerate(trl_losses, start=1):
+        assert ours.losses[step] == pytest.approx(expected, abs=1e-4, rel=0), step
