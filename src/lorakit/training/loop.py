@@ -18,7 +18,6 @@ step (the RNG state captured at that step's end) and re-raises KeyboardInterrupt
 
 from __future__ import annotations
 
-import copy
 import os
 import signal
 import threading
@@ -39,7 +38,7 @@ from lorakit.training import checkpoint as ckpt
 from lorakit.training.compile import compile_blocks
 from lorakit.training.evaluate import count_tokens
 from lorakit.training.metrics import PLOT_NAME, MetricsLog, plot_losses
-from lorakit.training.objectives import Objective, add_into, evaluate_objective, make_objective
+from lorakit.training.objectives import Objective, add_into, check_rows, evaluate_objective
 from lorakit.training.optim import make_optimizer
 from lorakit.training.plan import StepPlan
 from lorakit.training.schedule import make_scheduler
@@ -287,7 +286,7 @@ def _model_and_data(config: TrainingConfig, accelerator):
     from lorakit.data import build_datasets, make_batches
     from lorakit.data.batching import resolve_packing
     from lorakit.data.preference import make_preference_batches
-    from lorakit.training.preference import Reference, disable_dropout, precompute_reference
+    from lorakit.training.preference import frozen_reference_copy, prepare_objective
 
     from lorakit.models.load import load_tokenizer
 
@@ -300,7 +299,7 @@ def _model_and_data(config: TrainingConfig, accelerator):
     train_samples, eval_samples, stats = build_datasets(data, tokenizer, eval_context=context)
     _log(accelerator, str(stats))
     preference = args.objective != "sft"
-    _check_objective_data(args.objective, stats.format, data.train)
+    check_rows(args.objective, stats.format, data.train)
     precision = resolve_precision(args.precision)
     if args.precision == "auto":
         _log(accelerator, f"precision auto -> {precision} (host: {probe_host().summary()})")
@@ -318,42 +317,19 @@ def _model_and_data(config: TrainingConfig, accelerator):
                     data.max_seq_len, args.seed, args.epochs, args.max_steps, world,
                     group_by_length=data.group_by_length, batcher=batcher)
     set_seed(args.seed)  # adapter init does not depend on how much RNG data loading used
-    # full fine-tuning trains the base weights: its preference reference is a copy taken now
-    frozen = copy.deepcopy(base).eval() if preference and method.reference == "frozen_copy" else None
+    frozen = frozen_reference_copy(base, args.objective, method.reference)  # before the base trains
     model = inject_adapters(base, config, plan.total_steps).to(accelerator.device)
     if args.grad_checkpointing:
         _enable_grad_checkpointing(model)
     message = compile_blocks(model.model, args.compile, accelerator.device.type)
     if args.compile is not False:
         _log(accelerator, message)
-    reference = None
-    if preference and disable_dropout(model):
-        _log(accelerator, f"dropout off for train.objective {args.objective} (policy and reference log-probs "
-                          f"must be comparable; TRL's disable_dropout)")
-    if preference:
-        reference = Reference(frozen=frozen.to(accelerator.device)) if frozen is not None else Reference(model=model)
-    objective = make_objective(args, reference)
-    if objective.uses_reference and args.precompute_ref_log_probs:
-        started = time.perf_counter()
-        precompute_reference(reference, train_samples + (eval_samples or []), args.batch_size,
-                             tokenizer.pad_token_id, accelerator.device)
-        _log(accelerator, f"reference log-probs of {len(train_samples) + len(eval_samples or [])} rows computed "
-                          f"once in {time.perf_counter() - started:.1f}s (precompute_ref_log_probs)")
+    objective = prepare_objective(args, model, frozen, train_samples + (eval_samples or []), tokenizer.pad_token_id,
+                                  accelerator.device, lambda message: _log(accelerator, message))
     eval_batches = [] if not eval_samples else batcher(
         eval_samples, args.batch_size, tokenizer.pad_token_id, packing, data.max_seq_len,
         shuffle=False, seed=0)[accelerator.process_index::world]
     return model, plan, eval_batches, stats, tokenizer, objective
-
-
-def _check_objective_data(objective: str, data_format: str, where: str) -> None:
-    """The objective and the rows must fit: SFT rows for sft, pairs for dpo/ipo/orpo/simpo, KTO rows for kto."""
-    needs = {"sft": "sft", "kto": "kto"}.get(objective, "preference")
-    has = data_format if data_format in ("preference", "kto") else "sft"
-    if needs != has:
-        wanted = {"sft": "conversations or prompt/completion rows", "preference": "{prompt, chosen, rejected} rows",
-                  "kto": "{prompt, completion, label} rows"}[needs]
-        raise LorakitError(f"train.objective {objective} trains on {wanted}, but {where} has {data_format} rows; "
-                           f"set train.objective or point data.train at such rows")
 
 
 def _setup(config: TrainingConfig) -> _Run:

@@ -13,7 +13,10 @@ instead of one reference forward per step) gives the same values as every step.
 
 from __future__ import annotations
 
+import copy
+import time
 from contextlib import contextmanager, nullcontext
+from typing import Callable
 
 import torch
 
@@ -82,3 +85,33 @@ def precompute_reference(reference: Reference, samples: list[dict], batch_size: 
         kl = reference.logps(batch["kl_input_ids"], batch["kl_attention_mask"], batch["kl_labels"]).tolist()
         for sample, own, mismatched in zip(chunk, logps, kl):
             sample["ref_logps"], sample["ref_kl_logps"] = own, mismatched
+
+
+def frozen_reference_copy(base, objective: str, reference_kind: str):
+    """A frozen copy of ``base`` taken before training, when the objective needs a reference and
+    the method's registry entry says its adapters cannot be switched off (full fine-tuning); else None."""
+    if objective in ("sft", "simpo", "orpo") or reference_kind != "frozen_copy":
+        return None
+    return copy.deepcopy(base).eval()
+
+
+def prepare_objective(args, model, frozen, samples: list[dict], pad_token_id: int, device,
+                      log: Callable[[str], None]):
+    """The objective ``args.objective`` for ``model``: dropout off (preference objectives), its
+    reference (``frozen`` or the adapters switched off), and the reference log-probs of
+    ``samples`` computed ahead when ``args.precompute_ref_log_probs``."""
+    from lorakit.training.objectives import make_objective
+
+    if args.objective == "sft":
+        return make_objective(args)
+    if disable_dropout(model):
+        log(f"dropout off for train.objective {args.objective} (policy and reference log-probs must be "
+            f"comparable; TRL's disable_dropout)")
+    reference = Reference(frozen=frozen.to(device)) if frozen is not None else Reference(model=model)
+    objective = make_objective(args, reference)
+    if objective.uses_reference and args.precompute_ref_log_probs:
+        started = time.perf_counter()
+        precompute_reference(reference, samples, args.batch_size, pad_token_id, device)
+        log(f"reference log-probs of {len(samples)} rows computed once in {time.perf_counter() - started:.1f}s "
+            f"(precompute_ref_log_probs)")
+    return objective

@@ -68,6 +68,19 @@ def make_objective(train_args, reference=None) -> Objective:
     raise LorakitError(f"train.objective {name!r} is unknown")
 
 
+_ROWS = {"sft": "conversations or prompt/completion rows", "preference": "{prompt, chosen, rejected} rows",
+         "kto": "{prompt, completion, label} rows"}
+
+
+def check_rows(objective: str, data_format: str, where: str) -> None:
+    """The objective and the rows must fit: SFT rows for sft, pairs for dpo/ipo/orpo/simpo, KTO rows for kto."""
+    needs = {"sft": "sft", "kto": "kto"}.get(objective, "preference")
+    has = data_format if data_format in ("preference", "kto") else "sft"
+    if needs != has:
+        raise LorakitError(f"train.objective {objective} trains on {_ROWS[needs]}, but {where} has {data_format} "
+                           f"rows; set train.objective or point data.train at such rows")
+
+
 @torch.no_grad()
 def evaluate_objective(objective: Objective, model, batches: list[dict], device, reduce: Reduce = dict) -> dict:
     """The objective's metrics over ``batches`` as one batch, model in eval mode (restored after)."""
