@@ -78,3 +78,21 @@ def test_checkpoint_from_before_objectives_existed_still_resumes(tiny_llama_dir,
     with pytest.raises(LorakitError, match="'train.objective' was 'sft' there and is 'dpo' now"):
         train(_config(tiny_llama_dir, tmp_path, [PAIR] * 4, objective="dpo", max_steps=3, batch_size=2,
                              resume=True), progress=False)
+
+
+def test_lorakit_eval_on_kto_rows_reports_the_runs_final_figures(tiny_llama_dir, tmp_path, capsys):
+    from lorakit.cli import main
+
+    rows = [{"prompt": f"What is {i} plus {i}?", "completion": f"It is {2 * i + i % 2}.", "label": i % 2 == 0}
+            for i in range(6)]
+    config = _config(tiny_llama_dir, tmp_path, rows, objective="kto", max_steps=3, batch_size=3, lr=2e-2)
+    config.data.eval = config.data.train
+    result = train(config, progress=False)
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(tmp_path / "out"), "--data", config.data.eval]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert "preference accuracy" in printed[0] and "answers" in printed[0]
+    reported = json.loads(printed[-1])
+    for key in ("loss", "kl", "rewards/margins", "rewards/accuracies"):
+        assert reported[key] == pytest.approx(result.eval_metrics[key], abs=1e-5), key
+    assert reported["kl"] > 0  # three steps moved the policy away from the reference
