@@ -129,3 +129,16 @@ def test_objective_factory_reads_trl_names_from_the_config():
     objective = make_objective(TrainArgs(objective="simpo", beta=2.5, simpo_gamma=0.3, cpo_alpha=0.5))
     assert (objective.name, objective.beta, objective.simpo_gamma, objective.nll_weight) == ("simpo", 2.5, 0.3, 0.5)
     assert make_objective(TrainArgs(objective="orpo", beta=0.2)).nll_weight == 1.0
+
+
+def test_dpo_label_smoothing_is_the_expected_loss_under_flipped_preferences():
+    """cDPO: with ε the loss is the DPO loss of the pair as given with probability 1-ε and of the
+    pair flipped (rejected preferred) with probability ε. (TRL 1.13's DPO sigmoid loss ignores ε.)"""
+    from lorakit.training.objectives.losses import dpo_losses
+
+    generator = torch.Generator().manual_seed(0)
+    chosen, rejected = torch.randn(8, generator=generator) * 5, torch.randn(8, generator=generator) * 5
+    smoothed = dpo_losses(chosen, rejected, 0.3, label_smoothing=0.2)
+    expected = 0.8 * dpo_losses(chosen, rejected, 0.3) + 0.2 * dpo_losses(rejected, chosen, 0.3)
+    torch.testing.assert_close(smoothed, expected, atol=1e-6, rtol=0)
+    assert not torch.allclose(smoothed, dpo_losses(chosen, rejected, 0.3))
