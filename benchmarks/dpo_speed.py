@@ -87,7 +87,8 @@ def _lorakit_config(model_dir: str, data: Path, out: Path, steps: int, precomput
         "output_dir": str(out)})
 
 
-def _run_lorakit(model_dir: str, data: Path, work: Path, steps: int, precompute: bool) -> tuple[list[float], list[float]]:
+def _run_lorakit(model_dir: str, data: Path, work: Path, steps: int,
+                 precompute: bool) -> tuple[list[float], list[float]]:
     from lorakit.training import train
 
     result = train(_lorakit_config(model_dir, data, work / "lorakit", steps, precompute), progress=False)

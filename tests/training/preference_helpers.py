@@ -39,13 +39,15 @@ def lorakit_samples(examples: list[dict]) -> list[dict]:
     if "chosen_ids" in examples[0]:
         samples = []
         for e in examples:
-            chosen, rejected = _labelled(e["prompt_ids"], e["chosen_ids"]), _labelled(e["prompt_ids"], e["rejected_ids"])
+            chosen = _labelled(e["prompt_ids"], e["chosen_ids"])
+            rejected = _labelled(e["prompt_ids"], e["rejected_ids"])
             samples.append({"chosen_ids": chosen["input_ids"], "chosen_labels": chosen["labels"],
                             "rejected_ids": rejected["input_ids"], "rejected_labels": rejected["labels"]})
         return samples
     samples = []
     for i, e in enumerate(examples):
-        own, kl = _labelled(e["prompt_ids"], e["completion_ids"]), _labelled(e["prompt_ids"], examples[i - 1]["completion_ids"])
+        own = _labelled(e["prompt_ids"], e["completion_ids"])
+        kl = _labelled(e["prompt_ids"], examples[i - 1]["completion_ids"])
         samples.append({"input_ids": own["input_ids"], "labels": own["labels"], "desirable": e["label"],
                         "kl_input_ids": kl["input_ids"], "kl_labels": kl["labels"]})
     return samples

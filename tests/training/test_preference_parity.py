@@ -46,7 +46,8 @@ def test_dpo_and_ipo_equal_trl_dpo_trainer(arch, objective, beta, smol_tokenizer
 
     ours, base, peft_config = twin_models(arch)
     examples = random_examples(5, seed=11)
-    trainer = _dpo_trainer(base, peft_config, smol_tokenizer, tmp_path, "sigmoid" if objective == "dpo" else "ipo", beta)
+    loss_type = "sigmoid" if objective == "dpo" else "ipo"
+    trainer = _dpo_trainer(base, peft_config, smol_tokenizer, tmp_path, loss_type, beta)
     expected = trainer.compute_loss(same_adapter(trainer, ours), DataCollatorForPreference(pad_token_id=PAD)(examples))
     expected.backward()
     mine = _ours(PairObjective(objective, beta, reference=Reference(model=ours)), ours,

@@ -82,7 +82,8 @@ class KtoObjective:
         good, bad = totals["desirable"], totals["undesirable"]
         chosen = sums.get("rewards/chosen", 0.0) / good if good else None
         rejected = sums.get("rewards/rejected", 0.0) / bad if bad else None
-        return {"loss": sums.get("loss_sum", 0.0) / max(totals["answers"], 1), "kl": totals.get("kl_weight", 0.0) / max(totals["answers"], 1),
+        answers = max(totals["answers"], 1)
+        return {"loss": sums.get("loss_sum", 0.0) / answers, "kl": totals.get("kl_weight", 0.0) / answers,
                 "rewards/chosen": chosen, "rewards/rejected": rejected,
                 "rewards/margins": None if chosen is None or rejected is None else chosen - rejected,
                 "rewards/accuracies": sums.get("rewards/accuracies", 0.0) / max(totals["answers"], 1),
