@@ -8,7 +8,7 @@ Python's own docstrings (examples/data/make_preference_data.py), then what chang
 3. prints the base model's and the adapted model's answers to two held-out prompts side by side.
 
 Extra ``key=value`` arguments override the config, e.g.
-``python examples/preference.py train.max_steps=2 output_dir=/tmp/pref``.
+``python examples/preference.py train.max_steps=2 output_dir=outputs/preference-smoke``.
 """
 
 from __future__ import annotations
