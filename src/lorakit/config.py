@@ -26,6 +26,7 @@ from lorakit._dataclass_config import field_names, is_number, strict_config
 from lorakit.errors import LorakitError, closest_hint, unknown_key_error
 
 SCHEDULERS = ("linear", "cosine", "constant")
+OBJECTIVES = ("sft", "dpo", "ipo", "orpo", "simpo", "kto")  # see lorakit.training.objectives
 PRECISIONS = ("auto", "fp32", "bf16")  # see lorakit.hardware.resolve_precision
 
 
@@ -47,6 +48,15 @@ class TrainArgs:
     logging_steps: steps between rows of metrics.jsonl. compile: true | false | auto, the decoder
     blocks through torch.compile (auto: on GPUs, not on CPUs, where it measured slower; see
     lorakit.training.compile).
+
+    objective: sft (next-token loss on the responses) or a preference objective on preference
+    rows (dpo, ipo, orpo, simpo) or KTO rows (kto); see lorakit.training.objectives. Their knobs
+    carry TRL's names: beta (DPO/IPO/SimPO/KTO temperature; ORPO's λ, which TRL also calls
+    beta), label_smoothing (conservative DPO / SimPO: the probability a preference is flipped),
+    simpo_gamma (SimPO's target margin), cpo_alpha (weight of the NLL term on chosen answers added
+    to SimPO, as TRL's CPOTrainer; default 0 = SimPO as published, TRL's default is 1),
+    desirable_weight / undesirable_weight (KTO), precompute_ref_log_probs (reference log-probs
+    computed once before training instead of a reference forward every step).
     """
 
     epochs: float = 1
@@ -67,8 +77,26 @@ class TrainArgs:
     loraplus_lr_ratio: float | None = None
     logging_steps: int = 1
     compile: bool | str = "auto"
+    objective: str = "sft"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5
+    cpo_alpha: float = 0.0
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    precompute_ref_log_probs: bool = False
 
     def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise LorakitError(f"train.objective {self.objective!r} is unknown{closest_hint(str(self.objective), OBJECTIVES)}; "
+                               f"valid choices: {', '.join(OBJECTIVES)}")
+        _check_number(self, "beta", low=0.0, low_open=True)
+        _check_number(self, "label_smoothing", low=0.0, high=0.49)
+        _check_number(self, "simpo_gamma")
+        for name in ("cpo_alpha", "desirable_weight", "undesirable_weight"):
+            _check_number(self, name, low=0.0)
+        if not isinstance(self.precompute_ref_log_probs, bool):
+            raise LorakitError(f"train.precompute_ref_log_probs must be true or false, got {self.precompute_ref_log_probs!r}")
         if self.scheduler not in SCHEDULERS:
             raise LorakitError(f"train.scheduler {self.scheduler!r} is unknown{closest_hint(str(self.scheduler), SCHEDULERS)}; "
                                f"valid choices: {', '.join(SCHEDULERS)}")

@@ -40,6 +40,7 @@ register_method(AdapterMethod(  # lorakit-only files (peft has no bottleneck ada
     description="bottleneck adapters (Houlsby / Pfeiffer): a small MLP after the sublayers' output projections"))
 register_method(AdapterMethod(
     "full", FullConfig, wrap=wrap_full, load=load_full, output="model", saved_file="config.json",
+    reference="frozen_copy",  # the base weights themselves train: nothing to switch off
     description="full fine-tuning: the base model's own weights train (fp32)"))
 register_method(AdapterMethod(
     "prompt", PromptConfig, wrap=wrap_prompt, load=load_prompt, trains=False, output="prompt",

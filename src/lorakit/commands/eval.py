@@ -1,4 +1,5 @@
-"""lorakit eval [--adapter DIR] --data FILE: loss and perplexity on the response tokens."""
+"""lorakit eval [--adapter DIR] --data FILE: loss and perplexity on the response tokens; on a
+preference file ({prompt, chosen, rejected} or KTO rows) the preference accuracy instead."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ def register(subparsers) -> None:
     parser.add_argument("--max-seq-len", type=int, default=1024, help="default: 1024")
     parser.add_argument("--batch-size", type=int, default=8, help="default: 8")
     parser.add_argument("--train-on-prompt", action="store_true", help="score every token, not only responses")
+    parser.add_argument("--beta", type=float, default=0.1,
+                        help="preference files: β of the implicit rewards β·(log π - log π_ref) (default: 0.1)")
     parser.set_defaults(func=run)
 
 
@@ -22,6 +25,7 @@ def run(args) -> int:
     import json
 
     from lorakit.data import DataConfig, build_datasets, make_batches
+    from lorakit.data.config import PREFERENCE_FORMATS
     from lorakit.inference.generate import load_for_inference
     from lorakit.training.evaluate import evaluate_loss
 
@@ -29,6 +33,10 @@ def run(args) -> int:
                              train_on_prompt=args.train_on_prompt)
     model, tokenizer = load_for_inference(args.adapter, args.model, args.dtype)
     samples, _, stats = build_datasets(data_config, tokenizer)
+    if stats.format in PREFERENCE_FORMATS:
+        from lorakit.commands.eval_preference import report_preference
+
+        return report_preference(args, model, tokenizer, samples, stats)
     batches = make_batches(samples, args.batch_size, tokenizer.pad_token_id, packing=False,
                            max_seq_len=args.max_seq_len, shuffle=False, seed=0)
     result = evaluate_loss(model, batches)

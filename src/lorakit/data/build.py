@@ -11,8 +11,9 @@ import random
 import warnings
 from dataclasses import dataclass
 
-from lorakit.data.config import DataConfig
+from lorakit.data.config import PREFERENCE_FORMATS, DataConfig
 from lorakit.data.formats import detect_format, row_to_example
+from lorakit.data.preference import add_kl_pairs, preference_sample, sample_token_counts
 from lorakit.data.readers import BadRow, read_rows
 from lorakit.data.templates import IGNORE_INDEX, tokenize_conversation, tokenize_text
 from lorakit.errors import LorakitError
@@ -82,6 +83,14 @@ def _load_file(path: str, config: DataConfig, tokenizer, stats: DataStats,
             if isinstance(row, BadRow):
                 raise row
             fmt = fmt or detect_format(row, where)
+            if fmt in PREFERENCE_FORMATS:
+                if context:
+                    raise LorakitError(f"{where}: few-shot context needs conversations, not preference rows")
+                sample, cut = preference_sample(tokenizer, row, fmt, config.max_seq_len)
+                truncated += bool(cut)
+                dropped += sample is None
+                samples += [sample] if sample is not None else []
+                continue
             example = row_to_example(row, fmt)
             if isinstance(example, str):
                 if context:
@@ -102,6 +111,8 @@ def _load_file(path: str, config: DataConfig, tokenizer, stats: DataStats,
             dropped += 1
             continue
         samples.append({"input_ids": ids, "labels": labels})
+    if fmt == "kto" and samples:
+        add_kl_pairs(samples, config.max_seq_len)
     stats.skipped, stats.truncated, stats.dropped = (stats.skipped + skipped, stats.truncated + truncated,
                                                      stats.dropped + dropped)
     if skipped:
@@ -148,13 +159,29 @@ def build_datasets(config: DataConfig, tokenizer,
                            "saved dataset directory")
     stats = DataStats(max_seq_len=config.max_seq_len)
     train, stats.format = _load_file(config.train, config, tokenizer, stats)
+    if config.train_on_prompt and stats.format in PREFERENCE_FORMATS:
+        raise LorakitError(f"data.train_on_prompt does not apply to {stats.format} rows (only the answers are "
+                           f"compared); set it to false")
     evaluation = None
     if config.eval:
-        evaluation, _ = _load_file(config.eval, config, tokenizer, stats, eval_context)
+        evaluation, eval_format = _load_file(config.eval, config, tokenizer, stats, eval_context)
+        _check_same_kind(stats.format, eval_format, config)
     elif config.eval_ratio:
         train, evaluation = _split(train, config.eval_ratio, config.seed, config.train)
     stats.train_samples = len(train)
     stats.eval_samples = len(evaluation) if evaluation else 0
-    stats.train_tokens = sum(len(s["input_ids"]) for s in train)
-    stats.train_label_tokens = sum(sum(label != IGNORE_INDEX for label in s["labels"]) for s in train)
+    counts = [sample_token_counts(s) for s in train]
+    stats.train_tokens = sum(tokens for tokens, _ in counts)
+    stats.train_label_tokens = sum(labelled for _, labelled in counts)
     return train, evaluation, stats
+
+
+def _kind(fmt: str) -> str:
+    return fmt if fmt in PREFERENCE_FORMATS else "sft"
+
+
+def _check_same_kind(train_format: str, eval_format: str, config: DataConfig) -> None:
+    """Train and eval rows must feed the same objective (conversations, pairs, or KTO rows)."""
+    if _kind(train_format) != _kind(eval_format):
+        raise LorakitError(f"{config.eval}: {eval_format} rows, but {config.train} has {train_format} rows; "
+                           f"evaluate on rows of the same kind")

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from lorakit._dataclass_config import is_number, strict_config
 from lorakit.errors import LorakitError, closest_hint
 
-FORMATS = ("auto", "alpaca", "chat", "sharegpt", "prompt_completion", "text")
+FORMATS = ("auto", "alpaca", "chat", "sharegpt", "prompt_completion", "text", "preference", "kto")
+PREFERENCE_FORMATS = ("preference", "kto")  # rows of answers compared, not one conversation to imitate
 
 
 @strict_config

@@ -6,9 +6,13 @@
     sharegpt           {"conversations": [{"from": human|user|gpt|assistant|system, "value": str}, ...]}
     prompt_completion  {"prompt", "completion", "system"?} -> [system?] user: prompt, assistant: completion
     text               {"text"}: every token is trained on
+    preference         {"prompt", "chosen", "rejected", "system"?}: a pair of answers to one prompt
+                       (lorakit.data.preference; for the dpo / ipo / orpo / simpo objectives)
+    kto                {"prompt", "completion", "label"}: one answer marked desirable (true) or not
 
 ``format: auto`` picks the first format whose keys the first row has, in the order
-messages, conversations, instruction+output, prompt+completion, text.
+messages, conversations, instruction+output, prompt+chosen+rejected, prompt+completion+label,
+prompt+completion, text.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from lorakit.data.readers import BadRow
 from lorakit.errors import lone_surrogate_at
 
 _DETECT = (("chat", ("messages",)), ("sharegpt", ("conversations",)), ("alpaca", ("instruction", "output")),
+           ("preference", ("prompt", "chosen", "rejected")), ("kto", ("prompt", "completion", "label")),
            ("prompt_completion", ("prompt", "completion")), ("text", ("text",)))
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -57,7 +62,8 @@ def _with_system(row: dict, turns: list[dict]) -> list[dict]:
     return ([{"role": "system", "content": system}] if system else []) + turns
 
 
-def _messages(row: dict, key: str, role_key: str, content_key: str, role_map: dict) -> list[dict]:
+def _messages(row: dict, key: str, role_key: str, content_key: str, role_map: dict,
+              need_assistant: bool = True) -> list[dict]:
     turns = row.get(key)
     if not turns:
         raise BadRow(f"missing or empty field '{key}'")
@@ -75,7 +81,7 @@ def _messages(row: dict, key: str, role_key: str, content_key: str, role_map: di
             raise BadRow(f"{key}[{number}] has a missing or empty '{content_key}'")
         _check_encodable(content, f"{key}[{number}].{content_key}")
         messages.append({"role": role_map[role], "content": content})
-    if not any(m["role"] == "assistant" for m in messages):
+    if need_assistant and not any(m["role"] == "assistant" for m in messages):
         raise BadRow(f"field '{key}' has no assistant turn to learn from")
     return messages
 

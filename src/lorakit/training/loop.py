@@ -36,8 +36,9 @@ from lorakit.errors import LorakitError
 from lorakit.hardware import probe_host, resolve_precision
 from lorakit.training import checkpoint as ckpt
 from lorakit.training.compile import compile_blocks
-from lorakit.training.evaluate import batch_loss_sum, count_tokens, loss_and_ppl, loss_sums
+from lorakit.training.evaluate import count_tokens
 from lorakit.training.metrics import PLOT_NAME, MetricsLog, plot_losses
+from lorakit.training.objectives import Objective, add_into, check_rows, evaluate_objective
 from lorakit.training.optim import make_optimizer
 from lorakit.training.plan import StepPlan
 from lorakit.training.schedule import make_scheduler
@@ -45,7 +46,9 @@ from lorakit.training.schedule import make_scheduler
 # Config entries a resumed run must share with the checkpoint (others, e.g. max_steps, may change).
 _RESUME_MUST_MATCH = ("model", "method", "lora", "data", "train.batch_size", "train.grad_accum", "train.seed",
                       "train.lr", "train.scheduler", "train.warmup_ratio", "train.weight_decay",
-                      "train.loraplus_lr_ratio", "train.precision")
+                      "train.loraplus_lr_ratio", "train.precision", "train.objective", "train.beta",
+                      "train.label_smoothing", "train.simpo_gamma", "train.cpo_alpha", "train.desirable_weight",
+                      "train.undesirable_weight")
 
 
 @dataclass
@@ -57,6 +60,7 @@ class TrainResult:
     final_loss_window: int = 0
     eval_loss: float | None = None
     eval_ppl: float | None = None
+    eval_metrics: dict = field(default_factory=dict)        # the final evaluation's metrics (objective's names)
     initial_eval_loss: float | None = None
     tokens_seen: int = 0
     elapsed_s: float = 0.0                                  # time spent in training steps
@@ -124,8 +128,12 @@ def _lookup(data: dict, dotted: str):
 
 
 def _check_resume_config(saved: dict, current: dict, where: Path) -> None:
+    from lorakit.config import TrainArgs
+
     for key in _RESUME_MUST_MATCH:
         before, now = _lookup(saved, key), _lookup(current, key)
+        if before is None and key.startswith("train."):  # a key added since the checkpoint: its default then
+            before = getattr(TrainArgs(), key.partition(".")[2], None)
         if before != now:
             raise LorakitError(f"cannot resume from {where}: '{key}' was {before!r} there and is {now!r} now; "
                                f"restore it or train into a new output_dir")
@@ -164,10 +172,11 @@ class _Run:
     metrics: MetricsLog
     result: TrainResult
     config_dict: dict           # recorded in checkpoints, compared on resume
+    objective: Objective = None  # what the loop minimises (training.objectives)
     tokenizer: Any = None       # saved with the output when the method publishes a whole model
     rng_after_step: dict | None = None
-    window_loss: float = 0.0    # loss sum and targets since the last metrics row
-    window_targets: int = 0
+    window_sums: dict = field(default_factory=dict)    # the objective's figures and totals since the last
+    window_totals: dict = field(default_factory=dict)  # metrics row
     run_tokens: int = 0         # tokens trained on by this call (not by the run being resumed)
 
     @property
@@ -179,19 +188,21 @@ class _Run:
         return self.accelerator.is_main_process
 
 
-def _forward_backward(model, micro_batches: list[dict], step_targets: int, accelerator) -> tuple[float, int]:
-    """Forward/backward over this process's micro-batches. Returns (this process's loss sum, tokens)."""
-    loss_sum, tokens = 0.0, 0
+def _forward_backward(model, micro_batches: list[dict], totals: dict, accelerator,
+                      objective: Objective) -> tuple[dict, int]:
+    """Forward/backward over this process's micro-batches, each contributing its share of the
+    step loss (``objective.loss``). Returns (this process's summed figures, tokens)."""
+    sums, tokens = {}, 0
     for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         with nullcontext() if last else accelerator.no_sync(model):  # all-reduce once per step
-            part, _ = batch_loss_sum(model, batch, accelerator.device)  # sum of token losses
+            share, figures = objective.loss(model, batch, totals, accelerator.device)
             # DDP averages gradients over processes, hence × num_processes.
-            accelerator.backward(part * (accelerator.num_processes / step_targets))
+            accelerator.backward(share * accelerator.num_processes)
         fault_point("step")
-        loss_sum += float(part.detach())
+        add_into(sums, figures)
         tokens += count_tokens(batch)
-    return loss_sum, tokens
+    return sums, tokens
 
 
 def _reduce_sum(accelerator, *values: float) -> list[float]:
@@ -201,10 +212,23 @@ def _reduce_sum(accelerator, *values: float) -> list[float]:
     return accelerator.reduce(tensor, reduction="sum").tolist()
 
 
-def _evaluate(model, batches: list[dict], accelerator) -> dict:
-    total, count = loss_sums(model, batches, accelerator.device)
-    total, count = _reduce_sum(accelerator, total, count)
-    return loss_and_ppl(total, int(count))
+def _reduce_dict(accelerator, values: dict) -> dict:
+    keys = sorted(values)
+    return dict(zip(keys, _reduce_sum(accelerator, *(values[k] for k in keys))))
+
+
+def _evaluate(run: "_Run") -> dict:
+    """The objective's metrics on the eval batches (all processes' together)."""
+    return evaluate_objective(run.objective, run.model, run.eval_batches, run.accelerator.device,
+                              lambda values: _reduce_dict(run.accelerator, values))
+
+
+def _eval_row(step: int, figures: dict) -> dict:
+    return {"step": step, **{f"eval_{key}": value for key, value in figures.items()}}
+
+
+def _describe(figures: dict) -> str:
+    return ", ".join(f"{key} {value:.4f}" for key, value in figures.items() if value is not None)
 
 
 def _start_or_resume(run: _Run) -> int:
@@ -236,11 +260,11 @@ def _start_or_resume(run: _Run) -> int:
     if run.main:
         run.metrics.path.unlink(missing_ok=True)
     if run.eval_batches:
-        first = _evaluate(run.model, run.eval_batches, accelerator)
+        first = _evaluate(run)
         run.result.initial_eval_loss = first["loss"]
         if run.main:
-            run.metrics.append({"step": 0, "eval_loss": first["loss"], "eval_ppl": first["ppl"]})
-        _log(accelerator, f"eval before training: loss {first['loss']:.4f}, ppl {first['ppl']:.2f}")
+            run.metrics.append(_eval_row(0, first))
+        _log(accelerator, f"eval before training: {_describe(first)}")
     return 0
 
 
@@ -261,6 +285,8 @@ def _model_and_data(config: TrainingConfig, accelerator):
 
     from lorakit.data import build_datasets, make_batches
     from lorakit.data.batching import resolve_packing
+    from lorakit.data.preference import make_preference_batches
+    from lorakit.training.preference import frozen_reference_copy, prepare_objective
 
     from lorakit.models.load import load_tokenizer
 
@@ -272,29 +298,38 @@ def _model_and_data(config: TrainingConfig, accelerator):
     context = method.context_for(config.lora, data)
     train_samples, eval_samples, stats = build_datasets(data, tokenizer, eval_context=context)
     _log(accelerator, str(stats))
+    preference = args.objective != "sft"
+    check_rows(args.objective, stats.format, data.train)
     precision = resolve_precision(args.precision)
     if args.precision == "auto":
         _log(accelerator, f"precision auto -> {precision} (host: {probe_host().summary()})")
     base, _ = load_base(config, precision=precision, tokenizer=tokenizer)
     # packing is exact or not by architecture (adapters act per token), so the base decides it;
     # an explicit true that is not exact fails in resolve_packing with the reason
-    packing = resolve_packing(data.packing, base)
-    if data.packing == "auto":
+    if preference and data.packing is True:
+        raise LorakitError(f"data.packing is not supported with train.objective {args.objective} yet "
+                           f"(each answer is scored on its own row); set data.packing: false or auto")
+    packing = False if preference else resolve_packing(data.packing, base)
+    if data.packing == "auto" and not preference:
         _log(accelerator, f"packing auto -> {'on' if packing else 'off (not exact for this architecture)'}")
+    batcher = make_preference_batches if preference else make_batches
     plan = StepPlan(train_samples, args.batch_size, args.grad_accum, tokenizer.pad_token_id, packing,
                     data.max_seq_len, args.seed, args.epochs, args.max_steps, world,
-                    group_by_length=data.group_by_length)
-    eval_batches = [] if not eval_samples else make_batches(
-        eval_samples, args.batch_size, tokenizer.pad_token_id, packing, data.max_seq_len,
-        shuffle=False, seed=0)[accelerator.process_index::world]
+                    group_by_length=data.group_by_length, batcher=batcher)
     set_seed(args.seed)  # adapter init does not depend on how much RNG data loading used
+    frozen = frozen_reference_copy(base, args.objective, method.reference)  # before the base trains
     model = inject_adapters(base, config, plan.total_steps).to(accelerator.device)
     if args.grad_checkpointing:
         _enable_grad_checkpointing(model)
     message = compile_blocks(model.model, args.compile, accelerator.device.type)
     if args.compile is not False:
         _log(accelerator, message)
-    return model, plan, eval_batches, stats, tokenizer
+    objective = prepare_objective(args, model, frozen, train_samples + (eval_samples or []), tokenizer.pad_token_id,
+                                  accelerator.device, lambda message: _log(accelerator, message))
+    eval_batches = [] if not eval_samples else batcher(
+        eval_samples, args.batch_size, tokenizer.pad_token_id, packing, data.max_seq_len,
+        shuffle=False, seed=0)[accelerator.process_index::world]
+    return model, plan, eval_batches, stats, tokenizer, objective
 
 
 def _setup(config: TrainingConfig) -> _Run:
@@ -307,7 +342,7 @@ def _setup(config: TrainingConfig) -> _Run:
     # Several CPU processes (torchrun / accelerate launch without GPUs) need cpu=True for gloo DDP.
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(cpu=multi_cpu)
-    model, plan, eval_batches, stats, tokenizer = _model_and_data(config, accelerator)
+    model, plan, eval_batches, stats, tokenizer, objective = _model_and_data(config, accelerator)
     method = get_method(config.method)
     if method.report is not None:  # QLoRA: what the quantized base holds
         _log(accelerator, method.report(model))
@@ -321,7 +356,7 @@ def _setup(config: TrainingConfig) -> _Run:
     return _Run(config=config, accelerator=accelerator, model=model, ddp_model=ddp_model, optimizer=optimizer,
                 scheduler=scheduler, plan=plan, eval_batches=eval_batches, stats=stats, metrics=MetricsLog(out),
                 result=TrainResult(output_dir=out, global_step=0, trainable_params=trainable, total_params=all_params),
-                config_dict=config.to_dict(), tokenizer=tokenizer)
+                config_dict=config.to_dict(), tokenizer=tokenizer, objective=objective)
 
 
 # --- one optimizer step, and what follows it -------------------------------------------------
@@ -329,9 +364,13 @@ def _setup(config: TrainingConfig) -> _Run:
 def _optimizer_step(run: _Run, step: int) -> dict:
     """Run global step ``step`` (0-based): this process's micro-batches forward/backward, clip,
     AdamW, schedule, AdaLoRA's allocation. Returns the step's figures summed over processes."""
-    args, accelerator = run.config.train, run.accelerator
-    micro_batches, step_targets = run.plan.process_batches(step, accelerator.process_index)
-    loss_sum, tokens = _forward_backward(run.ddp_model, micro_batches, step_targets, accelerator)
+    args, accelerator, objective = run.config.train, run.accelerator, run.objective
+    step_batches = run.plan.step_batches(step)
+    micro_batches = step_batches[accelerator.process_index::accelerator.num_processes]
+    totals = objective.totals(step_batches)  # every process's batches: the normalisers of the whole step
+    totals = objective.prepare_step(run.model, micro_batches, totals, accelerator.device,
+                                    lambda values: _reduce_dict(accelerator, values))
+    sums, tokens = _forward_backward(run.ddp_model, micro_batches, totals, accelerator, objective)
     grad_norm = None
     if args.max_grad_norm > 0:
         grad_norm = float(accelerator.clip_grad_norm_(run.model.parameters(), args.max_grad_norm))
@@ -343,8 +382,9 @@ def _optimizer_step(run: _Run, step: int) -> dict:
         run.model.after_optimizer_step(step + 1)  # the method's hook (AdaLoRA reallocates rank)
         run.optimizer.zero_grad(set_to_none=True)
         run.rng_after_step = ckpt.capture_rng()
-    loss_sum, tokens = _reduce_sum(accelerator, loss_sum, tokens)
-    return {"loss_sum": loss_sum, "targets": step_targets, "tokens": int(tokens), "grad_norm": grad_norm, "lr": lr}
+    sums = _reduce_dict(accelerator, dict(sums, tokens=float(tokens)))
+    tokens = sums.pop("tokens")
+    return {"sums": sums, "totals": totals, "tokens": int(tokens), "grad_norm": grad_norm, "lr": lr}
 
 
 def _record_step(run: _Run, step: int, figures: dict, seconds: float, bar) -> None:
@@ -352,20 +392,24 @@ def _record_step(run: _Run, step: int, figures: dict, seconds: float, bar) -> No
     result, args = run.result, run.config.train
     result.elapsed_s += seconds
     result.tokens_seen += figures["tokens"]
-    result.losses[step] = figures["loss_sum"] / figures["targets"]
-    run.window_loss += figures["loss_sum"]
-    run.window_targets += figures["targets"]
+    summary = run.objective.summarize(figures["sums"], figures["totals"])
+    result.losses[step] = summary["loss"]
+    add_into(run.window_sums, figures["sums"])
+    add_into(run.window_totals, figures["totals"])
     run.run_tokens += figures["tokens"]
     tokens_per_s = run.run_tokens / max(result.elapsed_s, 1e-9)
-    bar.set_postfix(loss=f"{result.losses[step]:.4f}", lr=f"{figures['lr']:.2e}", tok_s=f"{tokens_per_s:.0f}",
-                    refresh=False)
+    shown = {key.rpartition("/")[2]: f"{summary[key]:.3f}" for key in run.objective.bar_keys
+             if summary.get(key) is not None}
+    bar.set_postfix(loss=f"{result.losses[step]:.4f}", **shown, lr=f"{figures['lr']:.2e}",
+                    tok_s=f"{tokens_per_s:.0f}", refresh=False)
     bar.update(1)
     if run.main and (step % args.logging_steps == 0 or step == run.total):
+        window = run.objective.summarize(run.window_sums, run.window_totals)
         run.metrics.append({"step": step, "epoch": round(step / run.plan.steps_per_epoch, 4),
-                            "loss": run.window_loss / run.window_targets, "lr": figures["lr"],
+                            **window, "lr": figures["lr"],
                             "grad_norm": figures["grad_norm"], "tokens": result.tokens_seen,
                             "tokens_per_s": round(tokens_per_s, 1), "elapsed_s": round(result.elapsed_s, 3)})
-        run.window_loss, run.window_targets = 0.0, 0
+        run.window_sums, run.window_totals = {}, {}
 
 
 def _save(run: _Run, at_step: int, gather: bool = True) -> None:
@@ -391,10 +435,10 @@ def _after_step(run: _Run, step: int) -> None:
     """The schedule after step ``step`` (1-based): evaluate every eval_every, save every save_every."""
     args = run.config.train
     if run.eval_batches and args.eval_every and step % args.eval_every == 0 and step < run.total:
-        row = _evaluate(run.model, run.eval_batches, run.accelerator)
+        row = _evaluate(run)
         if run.main:
-            run.metrics.append({"step": step, "eval_loss": row["loss"], "eval_ppl": row["ppl"]})
-        _log(run.accelerator, f"step {step}: eval loss {row['loss']:.4f}, ppl {row['ppl']:.2f}")
+            run.metrics.append(_eval_row(step, row))
+        _log(run.accelerator, f"step {step}: eval {_describe(row)}")
     if args.save_every and step % args.save_every == 0:
         _save(run, step)
 
@@ -444,11 +488,11 @@ def _finish(run: _Run, step: int) -> TrainResult:
     out = Path(config.output_dir)
     result.global_step = step
     if eval_batches:
-        final = _evaluate(model, eval_batches, accelerator)
-        result.eval_loss, result.eval_ppl = final["loss"], final["ppl"]
+        final = _evaluate(run)
+        result.eval_loss, result.eval_ppl, result.eval_metrics = final["loss"], final.get("ppl"), final
         if accelerator.is_main_process:
-            metrics.append({"step": step, "eval_loss": final["loss"], "eval_ppl": final["ppl"]})
-        _log(accelerator, f"eval after training: loss {final['loss']:.4f}, ppl {final['ppl']:.2f}")
+            metrics.append(_eval_row(step, final))
+        _log(accelerator, f"eval after training: {_describe(final)}")
     rows = metrics.rows() if accelerator.is_main_process else []
     step_losses = [r["loss"] for r in rows if "loss" in r]
     if step_losses:

@@ -20,6 +20,9 @@ def write_model_card(output_dir: str | Path, config, result, stats, trainable: i
                  if result.eval_loss is not None else "- final eval loss: n/a (no eval data)")
     initial_eval = (f"- eval loss before training: {_fmt(result.initial_eval_loss)}\n"
                     if result.initial_eval_loss is not None else "")
+    if result.eval_metrics.get("rewards/accuracies") is not None:  # a preference objective
+        eval_line += (f"\n- eval preference accuracy (rewards/accuracies): {_fmt(result.eval_metrics['rewards/accuracies'])}, "
+                      f"margin {_fmt(result.eval_metrics.get('rewards/margins'))}")
     text = f"""---
 base_model: {config.model}
 library_name: peft
@@ -46,6 +49,7 @@ model = PeftModel.from_pretrained(base_model, "{output_dir}")
 ## Training
 
 - base model: `{config.model}`
+- objective: {config.train.objective}
 - method: {config.method}, r = {getattr(lora, 'r', 'n/a')}, alpha = {getattr(lora, 'lora_alpha', 'n/a')}, targets: {targets}
 - trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)
 - train data: `{config.data.train}`; eval data: `{config.data.eval or (f'{config.data.eval_ratio:.0%} of train' if config.data.eval_ratio else 'none')}`

@@ -15,9 +15,11 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 from lorakit.data import make_batches
 from lorakit.data.batching import plan_batches
+from lorakit.data.preference import sample_length
 from lorakit.training.evaluate import count_targets
 
 
@@ -34,12 +36,14 @@ class StepPlan:
     max_steps: int = 0
     num_processes: int = 1
     group_by_length: bool = False
+    # how samples become batches: make_batches (SFT) or data.preference.make_preference_batches
+    batcher: Callable[..., list[dict]] = make_batches
     _epochs: dict[int, list[dict]] = field(default_factory=dict, repr=False)
     _counts: dict[int, int] = field(default_factory=dict, repr=False)
 
     def epoch_batches(self, epoch: int) -> list[dict]:
         if epoch not in self._epochs:
-            batches = make_batches(self.samples, self.batch_size, self.pad_token_id, self.packing,
+            batches = self.batcher(self.samples, self.batch_size, self.pad_token_id, self.packing,
                                    self.max_seq_len, shuffle=True, seed=self.seed + epoch,
                                    group_by_length=self.group_by_length)
             keep = len(batches) - len(batches) % self.num_processes
@@ -49,7 +53,7 @@ class StepPlan:
 
     @functools.cached_property
     def _lengths(self) -> list[int]:
-        return [len(s["input_ids"]) for s in self.samples]
+        return [sample_length(s) for s in self.samples]
 
     @property
     def per_step(self) -> int:
