@@ -289,6 +289,10 @@ def _model_and_data(config: TrainingConfig, accelerator):
         shuffle=False, seed=0)[accelerator.process_index::world]
     set_seed(args.seed)  # adapter init does not depend on how much RNG data loading used
     model = inject_adapters(base, config, plan.total_steps).to(accelerator.device)
+    if world > 1:
+        # each rank its own dropout stream (seed + rank): one seed everywhere would give the ranks
+        # correlated masks; checkpoints keep every rank's RNG state (rng_state.pt, one per rank)
+        set_seed(args.seed, device_specific=True)
     if args.grad_checkpointing:
         _enable_grad_checkpointing(model)
     message = compile_blocks(model.model, args.compile, accelerator.device.type)
