@@ -157,6 +157,8 @@ def compute_record(model: nn.Module) -> BaseRecord:
     sketch = []
     for name in _sampled(params):
         flat = params[name].detach().reshape(-1)
+        if flat.is_meta:  # a model built without weights (lorakit estimate sizes one): no values to sketch
+            continue
         values = torch.cat([flat[:SLICE], flat[-SLICE:]]).to("cpu", torch.float32).to(torch.bfloat16)  # (128,) v
         row = values.view(torch.int16).numpy().astype("<i2").tobytes()
         digest.update(name.encode() + b"\0" + row)
