@@ -46,7 +46,9 @@ class TrainArgs:
     loraplus_lr_ratio: LoRA+ (Hayou et al. 2024), lr of every lora_B = ratio x lr (None = off).
     logging_steps: steps between rows of metrics.jsonl. compile: true | false | auto, the decoder
     blocks through torch.compile (auto: on GPUs, not on CPUs, where it measured slower; see
-    lorakit.training.compile).
+    lorakit.training.compile). skip_estimate: start without ``lorakit estimate``'s check that the
+    run fits in this host's memory (by default a run predicted not to fit is refused, with
+    what to change).
     """
 
     epochs: float = 1
@@ -67,6 +69,7 @@ class TrainArgs:
     loraplus_lr_ratio: float | None = None
     logging_steps: int = 1
     compile: bool | str = "auto"
+    skip_estimate: bool = False
 
     def __post_init__(self):
         if self.scheduler not in SCHEDULERS:

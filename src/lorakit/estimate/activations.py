@@ -6,6 +6,9 @@ tensor autograd keeps for backward passes through the hook, so the sum of their 
 (each storage once, parameters excluded) is exactly what the real forward keeps, for this
 architecture, this attention kernel, this method and these layers, with no formula per model.
 Layers below the lowest adapted one keep nothing (their inputs need no gradient), as in a run.
+Under fake tensors transformers cannot prove a batch unpadded, so it builds the explicit
+(B, 1, T, T) mask (and expands grouped K/V heads) that a real padded batch, or a packed row of
+several samples, gets: the trace sizes those batches, the common ones in training.
 
 Gradient checkpointing keeps, per decoder layer, only its input (B, T, H) and recomputes one
 layer during backward, so
@@ -18,6 +21,7 @@ sizes it from N labelled positions, vocabulary V and hidden size H (see that fun
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -51,6 +55,15 @@ class ActivationTrace:
         return self.total - sum(self.per_layer) + inputs + self.largest_layer
 
 
+class _Kept:
+    """A tensor autograd saved for backward, and the decoder layer that saved it (-1: none)."""
+
+    __slots__ = ("tensor", "layer", "__weakref__")
+
+    def __init__(self, tensor: torch.Tensor, layer: int):
+        self.tensor, self.layer = tensor, layer
+
+
 def decoder_layers(lm: nn.Module) -> nn.ModuleList:
     """The model's list of decoder blocks: the ModuleList as long as config.num_hidden_layers
     (``model.layers`` for Llama-like models, ``transformer.h`` for GPT-2)."""
@@ -62,14 +75,15 @@ def decoder_layers(lm: nn.Module) -> nn.ModuleList:
 
 
 def trace_activations(adapted: nn.Module, batch: int, seq: int) -> ActivationTrace:
-    """Trace the decoder of ``adapted`` (a meta model from ``sizing_model``) at (batch, seq)."""
+    """Trace the decoder of ``adapted`` (a meta model from ``sizing_model``) at (batch, seq).
+    Its tensors become fake CPU tensors (still no memory); shapes and counts are unchanged."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     lm = adapted.model
     decoder = getattr(lm, lm.base_model_prefix)
     layers = decoder_layers(lm)
     trace = ActivationTrace(batch=batch, seq=seq, per_layer=[0] * len(layers))
-    saved: dict[int, tuple[int, int]] = {}   # storage -> (bytes, layer index or -1)
+    kept: weakref.WeakSet = weakref.WeakSet()   # what autograd still holds (a dead branch frees its own)
     current = [-1]
 
     def enter(index):
@@ -79,17 +93,23 @@ def trace_activations(adapted: nn.Module, batch: int, seq: int) -> ActivationTra
     handles += [layer.register_forward_hook(lambda *_: current.__setitem__(0, -1)) for layer in layers]
 
     def pack(tensor):
-        storage = tensor.untyped_storage()
-        saved.setdefault(storage._cdata, (storage.nbytes(), current[0]))
-        return tensor
+        held = _Kept(tensor, current[0])
+        kept.add(held)
+        return held
 
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-            input_ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-                hidden = decoder(input_ids=input_ids, use_cache=False)[0]   # (B, T, H)
-            parameters = {mode.from_tensor(p).untyped_storage()._cdata for p in adapted.parameters()}
-            parameters |= {mode.from_tensor(b).untyped_storage()._cdata for b in adapted.buffers()}
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            # fake *CPU* tensors, not meta ones: SDPA picks its kernel by device, and on meta it
+            # would take the math path (which keeps (B, heads, T, T) weights) instead of CPU flash
+            adapted.to_empty(device="cpu")
+            input_ids = torch.zeros(batch, seq, dtype=torch.long)
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda held: held.tensor):
+                hidden = decoder(input_ids=input_ids, use_cache=False)[0]   # (B, T, H); keeps the graph alive
+            parameters = {t.untyped_storage()._cdata for t in list(adapted.parameters()) + list(adapted.buffers())}
+            saved = {}
+            for held in list(kept):
+                storage = held.tensor.untyped_storage()
+                saved.setdefault(storage._cdata, (storage.nbytes(), held.layer))
     finally:
         for handle in handles:
             handle.remove()

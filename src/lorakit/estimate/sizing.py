@@ -53,7 +53,7 @@ class ParameterCounts:
     frozen: int = 0
     frozen_by_dtype: dict[str, int] = field(default_factory=dict)
     trainable_bytes: int = 0
-    frozen_bytes: int = 0
+    frozen_bytes: int = 0           # the base's parameters as held plus its buffers
     largest_frozen_bytes: int = 0   # the largest single base tensor as loaded (a transient copy while loading)
 
 
@@ -117,6 +117,8 @@ def count_parameters(adapted: nn.Module, method_config=None) -> ParameterCounts:
             name = _dtype_name(param.dtype)
         counts.frozen_by_dtype[name] = counts.frozen_by_dtype.get(name, 0) + n
         counts.frozen_bytes += size
+    # buffers (rotary frequencies, GPT-2's causal mask) are memory of the base too, not parameters
+    counts.frozen_bytes += sum(b.numel() * b.element_size() for b in adapted.buffers())
     return counts
 
 

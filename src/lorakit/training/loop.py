@@ -254,6 +254,30 @@ def _enable_grad_checkpointing(model) -> None:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def _check_fits(config: TrainingConfig, train_samples: list[dict], accelerator) -> None:
+    """Refuse, before any weight loads, a run that ``lorakit estimate`` predicts cannot fit in
+    this host's memory (one line with what to change); ``train.skip_estimate`` skips the check."""
+    from lorakit.estimate import estimate, verdict
+
+    if config.train.skip_estimate:
+        return
+    if accelerator.device.type != "cpu":  # the estimate sizes host memory (RSS), not an accelerator's
+        _log(accelerator, f"estimate: sizes CPU runs only; not checked on {accelerator.device.type}")
+        return
+    try:
+        predicted = estimate(config, samples=train_samples, timing=False)
+    except LorakitError:
+        raise
+    except Exception as err:  # noqa: BLE001 - an architecture the sizing cannot trace must not stop training
+        _log(accelerator, f"estimate: could not size this run ({type(err).__name__}: {str(err).splitlines()[0]}); "
+                          f"training without the memory check (train.skip_estimate: true skips it)")
+        return
+    if not predicted.fits:
+        raise LorakitError(f"this run will not fit in memory: {verdict(predicted)} (lorakit estimate shows the "
+                           f"parts; train.skip_estimate=true runs it anyway)")
+    _log(accelerator, f"estimate: {verdict(predicted)}")
+
+
 def _model_and_data(config: TrainingConfig, accelerator):
     """(adapter model, step plan, eval batches, data stats): base loaded in the resolved
     precision, data built, packing decided on the base, adapters injected."""
@@ -272,6 +296,7 @@ def _model_and_data(config: TrainingConfig, accelerator):
     context = method.context_for(config.lora, data)
     train_samples, eval_samples, stats = build_datasets(data, tokenizer, eval_context=context)
     _log(accelerator, str(stats))
+    _check_fits(config, train_samples, accelerator)
     precision = resolve_precision(args.precision)
     if args.precision == "auto":
         _log(accelerator, f"precision auto -> {precision} (host: {probe_host().summary()})")
