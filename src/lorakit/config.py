@@ -48,7 +48,8 @@ class TrainArgs:
     blocks through torch.compile (auto: on GPUs, not on CPUs, where it measured slower; see
     lorakit.training.compile). skip_estimate: start without ``lorakit estimate``'s check that the
     run fits in this host's memory (by default a run predicted not to fit is refused, with
-    what to change).
+    what to change). fsdp: under several processes, shard the frozen base with FSDP2 (each
+    process holds 1/N of it; adapters replicated; lorakit.training.distributed).
     """
 
     epochs: float = 1
@@ -70,6 +71,7 @@ class TrainArgs:
     logging_steps: int = 1
     compile: bool | str = "auto"
     skip_estimate: bool = False
+    fsdp: bool = False
 
     def __post_init__(self):
         if self.scheduler not in SCHEDULERS:

@@ -3,6 +3,9 @@
 
 - DDP, dropout 0: 2 processes x grad_accum 1 take the same global batch as 1 process x
   grad_accum 2, so every step's loss and the final adapter agree (fp32, atol 1e-5).
+- FSDP2 (``train.fsdp``), LoRA and DoRA: each process holds half of the frozen base, and the
+  losses, evaluations and adapter files equal one process's; QLoRA and full fine-tuning are
+  refused in one line.
 - DDP resume, dropout on: a 2-process run SIGKILLed mid-way (both ranks, at a fault point) and
   resumed gives the losses and adapter of the uninterrupted 2-process run. Each rank draws its own
   dropout masks (seed + rank), so restoring rank 0's RNG state on every rank would change the losses.
@@ -10,7 +13,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +27,7 @@ from lorakit_tiny import step_losses, tiny_config_dict, tiny_llama_dir  # noqa: 
 from safetensors.torch import load_file
 
 from lorakit.config import TrainingConfig
+from lorakit.errors import LorakitError
 from lorakit.training import train
 
 STEPS = 6
@@ -90,3 +96,40 @@ def test_two_process_run_killed_mid_way_resumes_with_every_ranks_rng(tiny_llama_
     reference = tmp_path / "reference"
     assert_same_losses(step_losses(killed), step_losses(reference), atol=1e-6)
     assert_same_adapter(killed, reference, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+def test_two_process_fsdp_equals_one_process(tiny_llama_dir, tmp_path, variant):
+    """FSDP2: each process holds half of the frozen base; losses, eval and adapter equal one process."""
+    extra = {"use_dora": True} if variant == "dora" else {}
+    # lr 1e-2: AdamW divides by sqrt(v), so a smaller step keeps fp32 reduction-order noise below atol
+    one_config = _write_config(tiny_llama_dir, tmp_path, "one", grad_accum=2, lr=1e-2)
+    data = yaml.safe_load(one_config.read_text())
+    data["lora"].update(extra)
+    one = train(TrainingConfig.from_dict(data), progress=False)
+    two_config = _write_config(tiny_llama_dir, tmp_path, "two", grad_accum=1, lr=1e-2, fsdp=True)
+    data = yaml.safe_load(two_config.read_text())
+    data["lora"].update(extra)
+    two_config.write_text(yaml.safe_dump(data))
+    code, output = torchrun(two_config)
+    assert code == 0, output[-2000:]
+    held, whole = (float(x) for x in re.search(r"fsdp: frozen base sharded over 2 processes, ([\d.]+) MiB of "
+                                               r"([\d.]+) MiB on each", output).groups())
+    assert held == pytest.approx(whole / 2, rel=0.01)  # really sharded
+    two = tmp_path / "two"
+    assert_same_losses(step_losses(two), step_losses(one.output_dir), atol=1e-5)
+    assert_same_adapter(two, one.output_dir, atol=1e-5)
+    assert sorted(p.name for p in two.iterdir() if p.name.startswith("adapter_")) == \
+        sorted(p.name for p in one.output_dir.iterdir() if p.name.startswith("adapter_"))
+    evals = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    reference = [json.loads(line) for line in (one.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["eval_loss"] for r in evals if "eval_loss" in r] == pytest.approx(
+        [r["eval_loss"] for r in reference if "eval_loss" in r], abs=1e-5)
+
+
+def test_fsdp_refuses_qlora_and_full_in_one_line(tiny_llama_dir, tmp_path):
+    for method, lora in (("qlora", {"r": 4, "target_modules": ["q_proj"]}), ("full", {})):
+        data = yaml.safe_load(_write_config(tiny_llama_dir, tmp_path, method, fsdp=True).read_text())
+        data["method"], data["lora"] = method, lora
+        with pytest.raises(LorakitError, match=f"train.fsdp .*{'QLoRA' if method == 'qlora' else 'method full'}"):
+            train(TrainingConfig.from_dict(data), progress=False)

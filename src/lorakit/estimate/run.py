@@ -26,6 +26,7 @@ the host can still give plus this process's own (already counted in runtime).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,9 +143,17 @@ def _size(config, samples: list[dict], world: int) -> _Sized:
                            f"({str(err).splitlines()[0]})") from None
     base_dtype = _base_dtype(config)
     shapes = _shapes(config, samples)
-    adapted = sizing_model(model_config, config.lora, base_dtype)
+    args = config.train
+    steps = args.max_steps or math.ceil(shapes.micro_batches * args.epochs / (args.grad_accum * world))
+    adapted = sizing_model(model_config, config.lora, base_dtype, total_steps=max(steps, 1))  # AdaLoRA's schedule
     params = count_parameters(adapted, config.lora)
-    trace = trace_activations(adapted, shapes.rows, shapes.width)
+    traced = adapted
+    if getattr(config.lora, "use_dora", False):
+        # DoRA's combine tests its magnitudes' values (data fake tensors do not have); it keeps what
+        # LoRA keeps plus (out,) vectors (adapters/dora/functional.py), so LoRA's trace stands in
+        plain = dataclasses.replace(config.lora, use_dora=False)
+        traced = sizing_model(model_config, plain, base_dtype, total_steps=max(steps, 1))
+    trace = trace_activations(traced, shapes.rows, shapes.width)
     head = adapted.model.get_output_embeddings()
     quantized_head = hasattr(config.lora, "quantization") and id(getattr(head, "weight", None)) in \
         _quantized_targets(adapted.model, config.lora)

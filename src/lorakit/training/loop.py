@@ -36,6 +36,7 @@ from lorakit.errors import LorakitError
 from lorakit.hardware import probe_host, resolve_precision
 from lorakit.training import checkpoint as ckpt
 from lorakit.training.compile import compile_blocks
+from lorakit.training.distributed import average_replicated_gradients, check_fsdp_method, shard_frozen_base
 from lorakit.training.evaluate import batch_loss_sum, count_tokens, loss_and_ppl, loss_sums
 from lorakit.training.metrics import PLOT_NAME, MetricsLog, plot_losses
 from lorakit.training.optim import make_optimizer
@@ -169,6 +170,7 @@ class _Run:
     window_loss: float = 0.0    # loss sum and targets since the last metrics row
     window_targets: int = 0
     run_tokens: int = 0         # tokens trained on by this call (not by the run being resumed)
+    fsdp: bool = False          # frozen base sharded (training.distributed); adapters replicated
 
     @property
     def total(self) -> int:
@@ -201,9 +203,12 @@ def _reduce_sum(accelerator, *values: float) -> list[float]:
     return accelerator.reduce(tensor, reduction="sum").tolist()
 
 
-def _evaluate(model, batches: list[dict], accelerator) -> dict:
+def _evaluate(model, batches: list[dict], accelerator, whole: bool = False) -> dict:
+    """Eval loss over this process's share of the batches, summed over processes; ``whole``:
+    every process has all of them (FSDP, where every process must run the same forwards)."""
     total, count = loss_sums(model, batches, accelerator.device)
-    total, count = _reduce_sum(accelerator, total, count)
+    if not whole:
+        total, count = _reduce_sum(accelerator, total, count)
     return loss_and_ppl(total, int(count))
 
 
@@ -236,7 +241,7 @@ def _start_or_resume(run: _Run) -> int:
     if run.main:
         run.metrics.path.unlink(missing_ok=True)
     if run.eval_batches:
-        first = _evaluate(run.model, run.eval_batches, accelerator)
+        first = _evaluate(run.model, run.eval_batches, accelerator, run.fsdp)
         run.result.initial_eval_loss = first["loss"]
         if run.main:
             run.metrics.append({"step": 0, "eval_loss": first["loss"], "eval_ppl": first["ppl"]})
@@ -310,8 +315,9 @@ def _model_and_data(config: TrainingConfig, accelerator):
                     data.max_seq_len, args.seed, args.epochs, args.max_steps, world,
                     group_by_length=data.group_by_length)
     eval_batches = [] if not eval_samples else make_batches(
-        eval_samples, args.batch_size, tokenizer.pad_token_id, packing, data.max_seq_len,
-        shuffle=False, seed=0)[accelerator.process_index::world]
+        eval_samples, args.batch_size, tokenizer.pad_token_id, packing, data.max_seq_len, shuffle=False, seed=0)
+    if not _fsdp(config, world):  # each process its share (FSDP: every process runs every forward)
+        eval_batches = eval_batches[accelerator.process_index::world]
     set_seed(args.seed)  # adapter init does not depend on how much RNG data loading used
     model = inject_adapters(base, config, plan.total_steps).to(accelerator.device)
     if world > 1:
@@ -344,13 +350,28 @@ def _setup(config: TrainingConfig) -> _Run:
     _log(accelerator, f"{config.method} on {config.model}: {trainable:,} trainable of {all_params:,} parameters; "
                       f"{plan.total_steps} steps of {args.batch_size} x {args.grad_accum} x "
                       f"{accelerator.num_processes} samples")
+    fsdp = _fsdp(config, accelerator.num_processes)
+    if fsdp:
+        held, whole = shard_frozen_base(model)
+        _log(accelerator, f"fsdp: frozen base sharded over {accelerator.num_processes} processes, "
+                          f"{held / 2**20:.1f} MiB of {whole / 2**20:.1f} MiB on each; adapters replicated")
     optimizer = make_optimizer(model, args.lr, args.weight_decay, args.loraplus_lr_ratio)
     scheduler = make_scheduler(optimizer, plan.total_steps, args.warmup_ratio, args.scheduler)
-    ddp_model, optimizer = accelerator.prepare(model, optimizer)
+    if fsdp:  # sharded already: accelerate would wrap it in DDP
+        ddp_model, optimizer = model, accelerator.prepare(optimizer)
+    else:
+        ddp_model, optimizer = accelerator.prepare(model, optimizer)
     return _Run(config=config, accelerator=accelerator, model=model, ddp_model=ddp_model, optimizer=optimizer,
                 scheduler=scheduler, plan=plan, eval_batches=eval_batches, stats=stats, metrics=MetricsLog(out),
                 result=TrainResult(output_dir=out, global_step=0, trainable_params=trainable, total_params=all_params),
-                config_dict=config.to_dict(), tokenizer=tokenizer)
+                config_dict=config.to_dict(), tokenizer=tokenizer, fsdp=fsdp)
+
+
+def _fsdp(config: TrainingConfig, world: int) -> bool:
+    """train.fsdp with more than one process (one process has nothing to shard)."""
+    if config.train.fsdp:
+        check_fsdp_method(config)
+    return bool(config.train.fsdp) and world > 1
 
 
 # --- one optimizer step, and what follows it -------------------------------------------------
@@ -361,6 +382,8 @@ def _optimizer_step(run: _Run, step: int) -> dict:
     args, accelerator = run.config.train, run.accelerator
     micro_batches, step_targets = run.plan.process_batches(step, accelerator.process_index)
     loss_sum, tokens = _forward_backward(run.ddp_model, micro_batches, step_targets, accelerator)
+    if run.fsdp:
+        average_replicated_gradients(run.model, accelerator.num_processes)
     grad_norm = None
     if args.max_grad_norm > 0:
         grad_norm = float(accelerator.clip_grad_norm_(run.model.parameters(), args.max_grad_norm))
@@ -420,7 +443,7 @@ def _after_step(run: _Run, step: int) -> None:
     """The schedule after step ``step`` (1-based): evaluate every eval_every, save every save_every."""
     args = run.config.train
     if run.eval_batches and args.eval_every and step % args.eval_every == 0 and step < run.total:
-        row = _evaluate(run.model, run.eval_batches, run.accelerator)
+        row = _evaluate(run.model, run.eval_batches, run.accelerator, run.fsdp)
         if run.main:
             run.metrics.append({"step": step, "eval_loss": row["loss"], "eval_ppl": row["ppl"]})
         _log(run.accelerator, f"step {step}: eval loss {row['loss']:.4f}, ppl {row['ppl']:.2f}")
@@ -473,7 +496,7 @@ def _finish(run: _Run, step: int) -> TrainResult:
     out = Path(config.output_dir)
     result.global_step = step
     if eval_batches:
-        final = _evaluate(model, eval_batches, accelerator)
+        final = _evaluate(model, eval_batches, accelerator, run.fsdp)
         result.eval_loss, result.eval_ppl = final["loss"], final["ppl"]
         if accelerator.is_main_process:
             metrics.append({"step": step, "eval_loss": final["loss"], "eval_ppl": final["ppl"]})
