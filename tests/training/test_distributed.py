@@ -133,3 +133,10 @@ def test_fsdp_refuses_qlora_and_full_in_one_line(tiny_llama_dir, tmp_path):
         data["method"], data["lora"] = method, lora
         with pytest.raises(LorakitError, match=f"train.fsdp .*{'QLoRA' if method == 'qlora' else 'method full'}"):
             train(TrainingConfig.from_dict(data), progress=False)
+
+
+def test_accelerates_own_fsdp_mode_is_refused_in_one_line(tiny_llama_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    data = yaml.safe_load(_write_config(tiny_llama_dir, tmp_path, "acc").read_text())
+    with pytest.raises(LorakitError, match="set train.fsdp: true"):
+        train(TrainingConfig.from_dict(data), progress=False)

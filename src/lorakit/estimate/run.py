@@ -160,6 +160,9 @@ def _size(config, samples: list[dict], world: int) -> _Sized:
     fused = world == 1 and _plain_head_model(adapted) is not None and type(head) is torch.nn.Linear \
         and not quantized_head
     file_bytes, file_element = _model_files(source)
+    if file_element is None:  # no local files (a hub id): the dtype the config says it was saved in
+        saved = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None)
+        file_element = {"float32": 4, "bfloat16": 2, "float16": 2}.get(str(saved).removeprefix("torch."))
     element = torch.finfo(base_dtype).bits // 8
     return _Sized(config=config, model_config=model_config, adapted=adapted, params=params, trace=trace,
                   shapes=shapes, fused_head=fused, head_trains=bool(head is not None and head.weight.requires_grad),

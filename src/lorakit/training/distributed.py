@@ -22,6 +22,8 @@ with a quantization state that FSDP2's DTensor conversion does not carry) and fu
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -37,6 +39,14 @@ def check_fsdp_method(config) -> None:
     if config.method == "full":
         raise LorakitError("train.fsdp shards the frozen base and replicates the trained parameters; method full "
                            "trains every weight, so use it without train.fsdp (DDP)")
+
+
+def refuse_accelerate_fsdp() -> None:
+    """accelerate's own FSDP (``distributed_type: FSDP``) would shard the adapters too, which the
+    main-process save and the checkpoints do not expect: one line pointing at ``train.fsdp``."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
+        raise LorakitError("accelerate's FSDP mode (distributed_type: FSDP) is not how lorakit shards; launch with a "
+                           "plain multi-process config (MULTI_GPU / MULTI_CPU) and set train.fsdp: true")
 
 
 def _decoder_layers(lm: nn.Module) -> nn.ModuleList:

@@ -36,7 +36,8 @@ from lorakit.errors import LorakitError
 from lorakit.hardware import probe_host, resolve_precision
 from lorakit.training import checkpoint as ckpt
 from lorakit.training.compile import compile_blocks
-from lorakit.training.distributed import average_replicated_gradients, check_fsdp_method, shard_frozen_base
+from lorakit.training.distributed import (average_replicated_gradients, check_fsdp_method, refuse_accelerate_fsdp,
+                                          shard_frozen_base)
 from lorakit.training.evaluate import batch_loss_sum, count_tokens, loss_and_ppl, loss_sums
 from lorakit.training.metrics import PLOT_NAME, MetricsLog, plot_losses
 from lorakit.training.optim import make_optimizer
@@ -341,6 +342,7 @@ def _setup(config: TrainingConfig) -> _Run:
     args, out = config.train, Path(config.output_dir)
     # Several CPU processes (torchrun / accelerate launch without GPUs) need cpu=True for gloo DDP.
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    refuse_accelerate_fsdp()
     accelerator = Accelerator(cpu=multi_cpu)
     model, plan, eval_batches, stats, tokenizer = _model_and_data(config, accelerator)
     method = get_method(config.method)
