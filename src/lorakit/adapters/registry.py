@@ -13,6 +13,8 @@ plus the hooks it needs, each a declared field (None / False when the method has
                                        file tensors by table (LoRA: s·B, A), checking they fit together;
                                        None for a method whose update is not a weight delta (bottleneck, prefix)
     resumable                          checkpoints restore it exactly
+    quantized_base                     the run loads its base already quantized, streamed shard by
+                                       shard (QLoRA: models.stream_load; the config says how)
     trains                             False for a method with nothing to train (the prompt baseline)
 
 Layer methods (LoRA family, bottleneck adapters) also declare ``attach`` (wrap one base layer),
@@ -66,6 +68,7 @@ class AdapterMethod:
     eval_context: Callable[[object, object], list] | None = None
     delta_factors: Callable[[object, str, dict], tuple] | None = None
     resumable: bool = True
+    quantized_base: bool = False
     trains: bool = True
     output: str = "adapter"
     saved_file: str = "adapter_config.json"

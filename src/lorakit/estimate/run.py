@@ -37,7 +37,8 @@ from lorakit._memory import available_bytes, rss_bytes
 from lorakit.errors import LorakitError
 from lorakit.estimate.activations import ActivationTrace, head_bytes, trace_activations
 from lorakit.estimate.shapes import BatchShapes, batch_shapes
-from lorakit.estimate.sizing import ParameterCounts, _quantized_targets, count_parameters, sizing_model
+from lorakit.adapters.qlora.base import quantization_targets
+from lorakit.estimate.sizing import ParameterCounts, count_parameters, sizing_model
 from lorakit.estimate.timing import StepWork, host_rates
 
 
@@ -156,7 +157,7 @@ def _size(config, samples: list[dict], world: int) -> _Sized:
     trace = trace_activations(traced, shapes.rows, shapes.width)
     head = adapted.model.get_output_embeddings()
     quantized_head = hasattr(config.lora, "quantization") and id(getattr(head, "weight", None)) in \
-        _quantized_targets(adapted.model, config.lora)
+        quantization_targets(adapted.model, config.lora)
     fused = world == 1 and _plain_head_model(adapted) is not None and type(head) is torch.nn.Linear \
         and not quantized_head
     file_bytes, file_element = _model_files(source)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from lorakit.adapters.qlora.base import quantization_targets
 from lorakit.errors import LorakitError
 
 _NF4_BLOCK, _NESTED_BLOCK, _CODE_BYTES = 64, 256, 256 * 4
@@ -61,29 +62,6 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _quantized_targets(model: nn.Module, method_config) -> dict[int, tuple[str, nn.Module]]:
-    """id(weight) -> (quantization, module) for every weight QLoRA would quantize (the rules of
-    ``lorakit.adapters.qlora.base.quantize_base``: every Linear / Conv1D except the output head,
-    plus the embedding and the head when quantize_embeddings is on)."""
-    quantization = method_config.quantization
-    embeddings = method_config.quantize_embeddings
-    if embeddings is None:
-        embeddings = quantization != "int8" and type(model.get_input_embeddings()) is nn.Embedding
-    head = model.get_output_embeddings()
-    head = getattr(head, "base_layer", head)
-    targets = {}
-    for name, module in model.named_modules():
-        if ".lora_" in f".{name}" or module is head:
-            continue
-        if type(module) is nn.Linear or type(module).__name__ == "Conv1D":
-            targets[id(module.weight)] = (quantization, module)
-    if embeddings:
-        for module in (model.get_input_embeddings(), head):
-            if module is not None:
-                targets[id(module.weight)] = (quantization, module)
-    return targets
-
-
 def _out_features(module: nn.Module) -> int:
     weight = module.weight
     return weight.shape[1] if type(module).__name__ == "Conv1D" else weight.shape[0]
@@ -95,7 +73,7 @@ def count_parameters(adapted: nn.Module, method_config=None) -> ParameterCounts:
     counts = ParameterCounts()
     quantized = {}
     if method_config is not None and hasattr(method_config, "quantization"):
-        quantized = _quantized_targets(adapted.model, method_config)
+        quantized = quantization_targets(adapted.model, method_config)
     seen: set[int] = set()
     for param in adapted.parameters():  # parameters() yields a tied tensor once
         if id(param) in seen:

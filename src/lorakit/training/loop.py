@@ -77,7 +77,8 @@ def load_base(config: TrainingConfig, device=None, precision: str | None = None,
     from lorakit.models.load import load_model
 
     precision = precision or resolve_precision(config.train.precision)
-    return load_model(config.model, dtype=precision, device=device or "cpu", tokenizer=tokenizer)
+    quantize = config.lora if get_method(config.method).quantized_base else None  # QLoRA: streamed, quantized
+    return load_model(config.model, dtype=precision, device=device or "cpu", tokenizer=tokenizer, quantize=quantize)
 
 
 def inject_adapters(model, config: TrainingConfig, total_steps: int):

@@ -136,6 +136,31 @@ def quantize_embedding_and_head(model: nn.Module, quantization: str = "nf4", com
     return model
 
 
+def quantization_targets(model: nn.Module, method_config) -> dict[int, tuple[str, nn.Module]]:
+    """id(weight) -> (quantization, module) for every weight ``quantize_base`` quantizes with
+    ``method_config``'s settings (a QLoraConfig): every Linear / Conv1D except the output head and
+    adapter layers, plus the embedding and the head when quantize_embeddings is on (unset: for
+    4-bit where the embedding is a plain nn.Embedding). For sizing and streaming loads, which
+    must quantize exactly what ``quantize_base`` would."""
+    quantization = method_config.quantization
+    embeddings = method_config.quantize_embeddings
+    if embeddings is None:
+        embeddings = quantization != "int8" and type(model.get_input_embeddings()) is nn.Embedding
+    head = model.get_output_embeddings()
+    head = getattr(head, "base_layer", head)
+    targets = {}
+    for name, module in model.named_modules():
+        if ".lora_" in f".{name}" or module is head:
+            continue
+        if type(module) is nn.Linear or type(module).__name__ == "Conv1D":
+            targets[id(module.weight)] = (quantization, module)
+    if embeddings:
+        for module in (model.get_input_embeddings(), head):
+            if module is not None:
+                targets[id(module.weight)] = (quantization, module)
+    return targets
+
+
 def resolve_compute_dtype(compute_dtype) -> torch.dtype:
     """A dtype or its name; "auto" = what the host probe picks (bf16 only where it is native and
     faster, else fp32: emulated bf16 would make every base matmul hundreds of times slower)."""
