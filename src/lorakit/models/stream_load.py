@@ -121,12 +121,13 @@ def load_quantized(source: str, recorded_name: str, qlora_config, dtype: torch.d
                 if not pending:
                     del waiting[module_name]
                     set_submodule(model, module_name, quantize_linear(module, qlora_config.quantization, compute,
-                                                                      qlora_config.double_quant))
+                                                                      qlora_config.double_quant, consume=True))
             if name in tables_waiting:
                 tables_waiting.discard(name)
                 if not tables_waiting:
                     model.tie_weights()  # a tied head reads the table just placed
-                    quantize_embedding_and_head(model, qlora_config.quantization, compute, qlora_config.double_quant)
+                    quantize_embedding_and_head(model, qlora_config.quantization, compute, qlora_config.double_quant,
+                                                consume=True)
     model.tie_weights()  # a tied head still points at the skeleton's table when the table stayed dense
     missing = [name for name, p in model.named_parameters() if p.is_meta]
     if missing:
