@@ -4,13 +4,15 @@ before it loads any weight.
 Memory of one training process at its peak (bytes):
 
     load   = runtime + file + converted + largest             (while from_pretrained runs)
+    load   = runtime + quantized weights + largest in flight  (QLoRA: streamed, models.stream_load)
     train  = runtime + weights + adapter + gradients + optimizer + activations + head + backward
 
 - runtime: this process now (Python, torch, transformers, tokenizer, tokenized data): measured.
 - file: the checkpoint's safetensors bytes, mapped while loading (a load in the file's dtype
   keeps the mapped pages as the weights, no copy); converted: the weights again in the run's
-  dtype when it differs from the file's (bf16 from fp32, or QLoRA's 4-bit copies made while
-  the dense layers are still mapped); largest: one tensor in flight during conversion.
+  dtype when it differs from the file's; largest: one tensor in flight during conversion.
+  A quantized base (QLoRA) streams in instead: load = runtime + 4-bit weights + the largest
+  dense tensor in flight (read in the file's dtype, converted).
 - weights: the frozen base as held (``sizing.count_parameters``: 4-bit layers at their
   bitsandbytes size); adapter, gradients: the trainable parameters, fp32; optimizer: AdamW's
   two fp32 moments per trainable parameter.
@@ -199,13 +201,18 @@ def _memory(sized: _Sized, batch_factor: float, checkpointing: bool, params: Par
                            sized.head_trains),
         "backward": round(trace.largest_layer * shapes.rows / sized.trace.batch),
     }
-    dense_bytes = params.frozen * _load_dtype_element(sized.config)
-    file_bytes = sized.file_bytes or params.frozen * sized.file_dtype_bytes
-    converted = 0 if _load_dtype_element(sized.config) == sized.file_dtype_bytes else dense_bytes
-    if params.frozen_bytes < dense_bytes:   # a quantized base: its 4-bit copies while the dense one is mapped
-        converted += params.frozen_bytes
-    load = sized.runtime + file_bytes + converted + params.largest_frozen_bytes
-    return parts, load, plain, checkpointed
+    load_element = _load_dtype_element(sized.config)
+    largest = params.largest_frozen_bytes * load_element // max(sized.base_element, 1)
+    if params.frozen_bytes < params.frozen * load_element:
+        # a quantized base streams in (models.stream_load): the 4-bit weights plus the largest
+        # dense tensor in flight, read in the file's dtype and converted
+        load = sized.runtime + params.frozen_bytes + largest * (1 + sized.file_dtype_bytes / load_element)
+    else:
+        # from_pretrained maps the files; a load in another dtype converts them into new tensors
+        file_bytes = sized.file_bytes or params.frozen * sized.file_dtype_bytes
+        converted = 0 if load_element == sized.file_dtype_bytes else params.frozen * load_element
+        load = sized.runtime + file_bytes + converted + largest
+    return parts, round(load), plain, checkpointed
 
 
 def _plain_lm(sized: _Sized) -> bool:
