@@ -61,6 +61,7 @@ _NOTES = {
     "optimizer": "AdamW: two fp32 moments per trainable parameter",
     "head": "output head + loss over the labelled positions",
     "backward": "one decoder layer's gradients in flight",
+    "allocator": "freed by the step but kept by the allocator (measured share)",
 }
 
 
