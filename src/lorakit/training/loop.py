@@ -344,6 +344,8 @@ def _setup(config: TrainingConfig) -> _Run:
     # Several CPU processes (torchrun / accelerate launch without GPUs) need cpu=True for gloo DDP.
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     refuse_accelerate_fsdp()
+    if args.fsdp:
+        check_fsdp_method(config)  # before minutes of loading
     accelerator = Accelerator(cpu=multi_cpu)
     model, plan, eval_batches, stats, tokenizer = _model_and_data(config, accelerator)
     method = get_method(config.method)
@@ -372,8 +374,6 @@ def _setup(config: TrainingConfig) -> _Run:
 
 def _fsdp(config: TrainingConfig, world: int) -> bool:
     """train.fsdp with more than one process (one process has nothing to shard)."""
-    if config.train.fsdp:
-        check_fsdp_method(config)
     return bool(config.train.fsdp) and world > 1
 
 
