@@ -16,6 +16,7 @@ Memory of one training process at its peak (bytes):
 - weights: the frozen base as held (``sizing.count_parameters``: 4-bit layers at their
   bitsandbytes size); adapter, gradients: the trainable parameters, fp32; optimizer: AdamW's
   two fp32 moments per trainable parameter.
+  With ``train.fsdp`` over N processes: 1/N of the base plus one gathered decoder layer.
 - activations: what autograd keeps for backward at the largest micro-batch
   (``activations.trace_activations``; with ``grad_checkpointing`` its checkpointed size); head:
   the loss head over the batch's labelled positions (``activations.head_bytes``); backward: one
@@ -209,6 +210,9 @@ def _memory(sized: _Sized, batch_factor: float, checkpointing: bool, params: Par
                            sized.head_trains),
         "backward": round(trace.largest_layer * shapes.rows / sized.trace.batch),
     }
+    if sized.config.train.fsdp and sized.world > 1:
+        # FSDP (training.distributed): 1/N of the base held, one decoder layer gathered at a time
+        parts["weights"] = params.frozen_bytes // sized.world + params.frozen_bytes // max(len(trace.per_layer), 1)
     parts["allocator"] = round(ALLOCATOR_SHARE * (parts["activations"] + parts["head"] + parts["backward"]))
     load_element = _load_dtype_element(sized.config)
     largest = params.largest_frozen_bytes * load_element // max(sized.base_element, 1)
