@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lorakit.estimate.run import Estimate, qlora_counts
+from lorakit.estimate.run import Estimate, qlora_counts, train_peak
 
 _MIB, _GIB = 2**20, 2**30
 
@@ -34,7 +34,7 @@ def suggest(sized, estimate: Estimate, memory) -> list[str]:
     found: list[str] = []
     for label, factor, checkpointing, params in tried:
         parts, load, _, _ = memory(sized, factor, checkpointing, params)
-        if _fits(max(sum(parts.values()), load), estimate) and not any(label.startswith(f) for f in found):
+        if _fits(max(train_peak(parts), load), estimate) and not any(label.startswith(f) for f in found):
             found.append(label)
         if len(found) == 3:
             break
@@ -85,7 +85,7 @@ def format_report(estimate: Estimate, title: str) -> str:
             note = (f"kept for backward; {'without' if estimate.grad_checkpointing else 'with'} "
                     f"grad_checkpointing: {other / _MIB:.1f} MiB")
         lines.append(f"  {name:<12}{_mib(size)}   {note}")
-    lines += [f"  {'train peak':<12}{_mib(estimate.train_peak)}   the sum above",
+    lines += [f"  {'train peak':<12}{_mib(estimate.train_peak)}   the sum, less gradients overlapping activations",
               f"  {'load peak':<12}{_mib(estimate.load_peak)}   runtime + checkpoint files mapped + converted copies",
               f"predicted peak RSS: {estimate.peak / _GIB:.2f} GiB per process"]
     if estimate.seconds_per_step is not None:

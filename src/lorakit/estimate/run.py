@@ -6,6 +6,7 @@ Memory of one training process at its peak (bytes):
     load   = runtime + file + converted + largest             (while from_pretrained runs)
     load   = runtime + quantized weights + largest in flight  (QLoRA: streamed, models.stream_load)
     train  = runtime + weights + adapter + gradients + optimizer + activations + head + backward + allocator
+             - min(gradients, activations)   (backward turns activations into gradients layer by layer)
 
 - runtime: this process now (Python, torch, transformers, tokenizer, tokenized data): measured.
 - file: the checkpoint's safetensors bytes, mapped while loading (a load in the file's dtype
@@ -228,6 +229,13 @@ def _memory(sized: _Sized, batch_factor: float, checkpointing: bool, params: Par
     return parts, round(load), plain, checkpointed
 
 
+def train_peak(parts: dict[str, int]) -> int:
+    """The parts' sum, less the overlap of gradients and activations: backward frees each
+    layer's activations as it writes that layer's gradients, so both are never whole at once
+    (it matters for full fine-tuning, whose gradients are as large as the model)."""
+    return sum(parts.values()) - min(parts["gradients"], parts["activations"])
+
+
 def _plain_lm(sized: _Sized) -> bool:
     from lorakit.training.evaluate import _plain_head_model
 
@@ -290,7 +298,7 @@ def estimate(config, samples: list[dict] | None = None, tokenizer=None, timing: 
     if available is None:
         available = available_bytes() + sized.runtime
     result = Estimate(params=sized.params, shapes=sized.shapes, parts=parts, activations_plain=plain,
-                      activations_checkpointed=checkpointed, load_peak=load, train_peak=sum(parts.values()),
+                      activations_checkpointed=checkpointed, load_peak=load, train_peak=train_peak(parts),
                       seconds_per_step=seconds, processes=_processes(), available=available,
                       grad_checkpointing=args.grad_checkpointing)
     if not result.fits:
