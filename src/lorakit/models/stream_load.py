@@ -8,8 +8,8 @@ quantized as soon as it (and its bias) has arrived, the embedding (and the head,
 when tied) as soon as both have, and every other tensor (norms) is placed as it is. Peak memory
 is the quantized model plus one dense tensor in flight (the embedding table, with bitsandbytes'
 temporaries while it quantizes it), never the dense model: measured on the built-in model (fp32
-checkpoint, 0.5 GB), 0.80 GB peak RSS during the load against 1.58 GB for a dense load followed
-by quantization, 0.48 GB once loaded (0.40 GB of it Python and libraries) against 1.21 GB.
+checkpoint, 0.5 GB), 802 MiB peak RSS during the load against 1576 MiB for a dense load followed
+by quantization, 478 MiB once loaded (404 MiB of it Python and libraries) against 1212 MiB.
 
 The result is the model ``quantize_base`` would make from a dense load of the same checkpoint,
 to the bit (tested): the same layers quantized by the same rules (every Linear / Conv1D except
