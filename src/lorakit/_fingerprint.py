@@ -144,9 +144,17 @@ def base_metadata(model: nn.Module) -> dict[str, str]:
     return base_record(model).to_metadata()
 
 
+def keep_record(model: nn.Module, record: BaseRecord) -> None:
+    """Keep ``record`` on ``model`` as its record (a model loaded already quantized, whose dense
+    weights were only ever seen while streaming them in)."""
+    model.__dict__[_ATTR] = record
+
+
 @torch.no_grad()
-def compute_record(model: nn.Module) -> BaseRecord:
-    """A fresh record of ``model`` (see the module docstring)."""
+def compute_record(model: nn.Module, loaded=None) -> BaseRecord:
+    """A fresh record of ``model`` (see the module docstring). ``loaded``: name -> the tensor as
+    loaded, for a model whose parameters are not (yet) those values (a weightless skeleton while
+    a checkpoint streams in); by default the parameters themselves."""
     config = getattr(model, "config", None)
     params = dict(sorted(model.named_parameters()))
     shapes = hashlib.sha256("\n".join(f"{n}:{tuple(p.shape)}" for n, p in params.items()).encode())
@@ -156,7 +164,9 @@ def compute_record(model: nn.Module) -> BaseRecord:
     digest = hashlib.sha256(config_text.encode())
     sketch = []
     for name in _sampled(params):
-        flat = params[name].detach().reshape(-1)
+        flat = (loaded(name) if loaded is not None else params[name]).detach().reshape(-1)
+        if flat.is_meta:  # a model built without weights (lorakit estimate sizes one): no values to sketch
+            continue
         values = torch.cat([flat[:SLICE], flat[-SLICE:]]).to("cpu", torch.float32).to(torch.bfloat16)  # (128,) v
         row = values.view(torch.int16).numpy().astype("<i2").tobytes()
         digest.update(name.encode() + b"\0" + row)

@@ -16,7 +16,8 @@ import sys
 
 from lorakit.commands import _common
 
-COMMANDS = ["train", "compare", "generate", "chat", "eval", "merge", "export", "verify", "info", "adapters", "serve", "env"]
+COMMANDS = ["train", "estimate", "compare", "generate", "chat", "eval", "merge", "export", "verify", "info", "adapters",
+            "serve", "env"]
 
 
 def build_parser() -> argparse.ArgumentParser:

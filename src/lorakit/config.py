@@ -47,7 +47,10 @@ class TrainArgs:
     loraplus_lr_ratio: LoRA+ (Hayou et al. 2024), lr of every lora_B = ratio x lr (None = off).
     logging_steps: steps between rows of metrics.jsonl. compile: true | false | auto, the decoder
     blocks through torch.compile (auto: on GPUs, not on CPUs, where it measured slower; see
-    lorakit.training.compile).
+    lorakit.training.compile). skip_estimate: start without ``lorakit estimate``'s check that the
+    run fits in this host's memory (by default a run predicted not to fit is refused, with
+    what to change). fsdp: under several processes, shard the frozen base with FSDP2 (each
+    process holds 1/N of it; adapters replicated; lorakit.training.distributed).
 
     objective: sft (next-token loss on the responses) or a preference objective on preference
     rows (dpo, ipo, orpo, simpo) or KTO rows (kto); see lorakit.training.objectives. Their knobs
@@ -77,6 +80,8 @@ class TrainArgs:
     loraplus_lr_ratio: float | None = None
     logging_steps: int = 1
     compile: bool | str = "auto"
+    skip_estimate: bool = False
+    fsdp: bool = False
     objective: str = "sft"
     beta: float = 0.1
     label_smoothing: float = 0.0

@@ -26,7 +26,7 @@ register_method(AdapterMethod(
 register_method(AdapterMethod(  # LoRA over a 4-bit base: the base is quantized first, the files are LoRA's
     "qlora", QLoraConfig, wrap=None, peft_type="LORA", attach=attach_qlora, layer_types=(LoraLayer,),
     parameter_tables=_LORA_TABLES, file_contents=lora_file_contents, prepare_base=qlora_prepare_base,
-    report=qlora_report, delta_factors=lora_delta_factors,
+    report=qlora_report, delta_factors=lora_delta_factors, quantized_base=True,
     description="LoRA over a 4-bit NF4 base (QLoRA)"))
 register_method(AdapterMethod(
     "adalora", AdaLoraConfig, wrap=None, peft_type="ADALORA", attach=attach_adalora, layer_types=(AdaLoraLayer,),

@@ -16,6 +16,8 @@ plus the hooks it needs, each a declared field (None / False when the method has
     reference                          what preference objectives compare against: "disable_adapter"
                                        (the same model with its adapters off) or "frozen_copy" (a
                                        copy of the base taken before training: full fine-tuning)
+    quantized_base                     the run loads its base already quantized, streamed shard by
+                                       shard (QLoRA: models.stream_load; the config says how)
     trains                             False for a method with nothing to train (the prompt baseline)
 
 Layer methods (LoRA family, bottleneck adapters) also declare ``attach`` (wrap one base layer),
@@ -70,6 +72,7 @@ class AdapterMethod:
     delta_factors: Callable[[object, str, dict], tuple] | None = None
     resumable: bool = True
     reference: str = "disable_adapter"
+    quantized_base: bool = False
     trains: bool = True
     output: str = "adapter"
     saved_file: str = "adapter_config.json"

@@ -163,18 +163,24 @@ def _tokenizer_from(source: str, name_or_path: str):
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, dtype="float32", device: str | torch.device = "cpu",
-               attn_implementation: str | None = None, tokenizer=None):
+               attn_implementation: str | None = None, tokenizer=None, quantize=None):
     """Return (model, tokenizer) for a local directory, hub id, .gguf file or built-in alias.
 
     The model is in eval mode on ``device`` in ``dtype``; the tokenizer has a pad token (the
     EOS token when the model defines none), or is ``tokenizer`` when one was already loaded with
     ``load_tokenizer``. ``model.name_or_path`` is the name the user gave, so saved adapters
-    record it as base_model_name_or_path.
+    record it as base_model_name_or_path. ``quantize``: a QLoraConfig to load the base already
+    quantized as it says, streamed tensor by tensor (``stream_load``: peak memory near the
+    quantized size, never the dense model's).
     """
     from transformers import AutoModelForCausalLM
 
     source, recorded_name = resolve_model_source(str(name_or_path))
     tokenizer = tokenizer or _tokenizer_from(source, str(name_or_path))
+    if quantize is not None and attn_implementation is None:
+        from lorakit.models.stream_load import load_quantized
+
+        return load_quantized(source, recorded_name, quantize, resolve_dtype(dtype), device), tokenizer
     kwargs = {"dtype": resolve_dtype(dtype)}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation

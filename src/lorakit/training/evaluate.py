@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 
 from lorakit.adapters.contract import AdaptedModel
 from lorakit.data import IGNORE_INDEX, batch_to_device
@@ -32,6 +33,8 @@ def _plain_head_model(model):
     # a DDP-wrapped model is not an AdaptedModel: its own forward must run (gradient sync);
     # a method whose forward is more than the inner model's (prefix tokens, a regulariser) too
     if not isinstance(model, AdaptedModel) or not model.forward_is_inner_model:
+        return None
+    if isinstance(model, FSDPModule):  # its root forward gathers the sharded head
         return None
     inner = model.model
     config = getattr(inner, "config", None)

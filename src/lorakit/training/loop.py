@@ -36,6 +36,8 @@ from lorakit.errors import LorakitError
 from lorakit.hardware import probe_host, resolve_precision
 from lorakit.training import checkpoint as ckpt
 from lorakit.training.compile import compile_blocks
+from lorakit.training.distributed import (average_replicated_gradients, check_fsdp_method, refuse_accelerate_fsdp,
+                                          shard_frozen_base)
 from lorakit.training.evaluate import count_tokens
 from lorakit.training.metrics import PLOT_NAME, MetricsLog, plot_losses
 from lorakit.training.objectives import Objective, add_into, check_rows, evaluate_objective
@@ -79,7 +81,8 @@ def load_base(config: TrainingConfig, device=None, precision: str | None = None,
     from lorakit.models.load import load_model
 
     precision = precision or resolve_precision(config.train.precision)
-    return load_model(config.model, dtype=precision, device=device or "cpu", tokenizer=tokenizer)
+    quantize = config.lora if get_method(config.method).quantized_base else None  # QLoRA: streamed, quantized
+    return load_model(config.model, dtype=precision, device=device or "cpu", tokenizer=tokenizer, quantize=quantize)
 
 
 def inject_adapters(model, config: TrainingConfig, total_steps: int):
@@ -178,6 +181,7 @@ class _Run:
     window_sums: dict = field(default_factory=dict)    # the objective's figures and totals since the last
     window_totals: dict = field(default_factory=dict)  # metrics row
     run_tokens: int = 0         # tokens trained on by this call (not by the run being resumed)
+    fsdp: bool = False          # frozen base sharded (training.distributed); adapters replicated
 
     @property
     def total(self) -> int:
@@ -218,9 +222,16 @@ def _reduce_dict(accelerator, values: dict) -> dict:
 
 
 def _evaluate(run: "_Run") -> dict:
-    """The objective's metrics on the eval batches (all processes' together)."""
-    return evaluate_objective(run.objective, run.model, run.eval_batches, run.accelerator.device,
-                              lambda values: _reduce_dict(run.accelerator, values))
+    """The objective's metrics on the eval batches: each process's share summed over processes,
+    or, under FSDP (every process must run the same forwards), all batches on every process and
+    nothing to sum."""
+    if run.fsdp:
+        def reduce(values):
+            return values
+    else:
+        def reduce(values):
+            return _reduce_dict(run.accelerator, values)
+    return evaluate_objective(run.objective, run.model, run.eval_batches, run.accelerator.device, reduce)
 
 
 def _eval_row(step: int, figures: dict) -> dict:
@@ -278,6 +289,30 @@ def _enable_grad_checkpointing(model) -> None:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def _check_fits(config: TrainingConfig, train_samples: list[dict], accelerator) -> None:
+    """Refuse, before any weight loads, a run that ``lorakit estimate`` predicts cannot fit in
+    this host's memory (one line with what to change); ``train.skip_estimate`` skips the check."""
+    from lorakit.estimate import estimate, verdict
+
+    if config.train.skip_estimate:
+        return
+    if accelerator.device.type != "cpu":  # the estimate sizes host memory (RSS), not an accelerator's
+        _log(accelerator, f"estimate: sizes CPU runs only; not checked on {accelerator.device.type}")
+        return
+    try:
+        predicted = estimate(config, samples=train_samples, timing=False)
+    except LorakitError:
+        raise
+    except Exception as err:  # noqa: BLE001 - an architecture the sizing cannot trace must not stop training
+        _log(accelerator, f"estimate: could not size this run ({type(err).__name__}: {str(err).splitlines()[0]}); "
+                          f"training without the memory check (train.skip_estimate: true skips it)")
+        return
+    if not predicted.fits:
+        raise LorakitError(f"this run will not fit in memory: {verdict(predicted)} (lorakit estimate shows the "
+                           f"parts; train.skip_estimate=true runs it anyway)")
+    _log(accelerator, f"estimate: {verdict(predicted)}")
+
+
 def _model_and_data(config: TrainingConfig, accelerator):
     """(adapter model, step plan, eval batches, data stats): base loaded in the resolved
     precision, data built, packing decided on the base, adapters injected."""
@@ -300,6 +335,10 @@ def _model_and_data(config: TrainingConfig, accelerator):
     _log(accelerator, str(stats))
     preference = args.objective != "sft"
     check_rows(args.objective, stats.format, data.train)
+    if preference:  # the estimate traces SFT batches; preference rows are not sized yet
+        _log(accelerator, "estimate: sizes SFT runs; not checked for train.objective " + args.objective)
+    else:
+        _check_fits(config, train_samples, accelerator)
     precision = resolve_precision(args.precision)
     if args.precision == "auto":
         _log(accelerator, f"precision auto -> {precision} (host: {probe_host().summary()})")
@@ -319,6 +358,10 @@ def _model_and_data(config: TrainingConfig, accelerator):
     set_seed(args.seed)  # adapter init does not depend on how much RNG data loading used
     frozen = frozen_reference_copy(base, args.objective, method.reference)  # before the base trains
     model = inject_adapters(base, config, plan.total_steps).to(accelerator.device)
+    if world > 1:
+        # each rank its own dropout stream (seed + rank): one seed everywhere would give the ranks
+        # correlated masks; checkpoints keep every rank's RNG state (rng_state.pt, one per rank)
+        set_seed(args.seed, device_specific=True)
     if args.grad_checkpointing:
         _enable_grad_checkpointing(model)
     message = compile_blocks(model.model, args.compile, accelerator.device.type)
@@ -327,8 +370,9 @@ def _model_and_data(config: TrainingConfig, accelerator):
     objective = prepare_objective(args, model, frozen, train_samples + (eval_samples or []), tokenizer.pad_token_id,
                                   accelerator.device, lambda message: _log(accelerator, message))
     eval_batches = [] if not eval_samples else batcher(
-        eval_samples, args.batch_size, tokenizer.pad_token_id, packing, data.max_seq_len,
-        shuffle=False, seed=0)[accelerator.process_index::world]
+        eval_samples, args.batch_size, tokenizer.pad_token_id, packing, data.max_seq_len, shuffle=False, seed=0)
+    if not _fsdp(config, world):  # each process its share (FSDP: every process runs every forward)
+        eval_batches = eval_batches[accelerator.process_index::world]
     return model, plan, eval_batches, stats, tokenizer, objective
 
 
@@ -341,6 +385,9 @@ def _setup(config: TrainingConfig) -> _Run:
     args, out = config.train, Path(config.output_dir)
     # Several CPU processes (torchrun / accelerate launch without GPUs) need cpu=True for gloo DDP.
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    refuse_accelerate_fsdp()
+    if args.fsdp:
+        check_fsdp_method(config)  # before minutes of loading
     accelerator = Accelerator(cpu=multi_cpu)
     model, plan, eval_batches, stats, tokenizer, objective = _model_and_data(config, accelerator)
     method = get_method(config.method)
@@ -350,13 +397,26 @@ def _setup(config: TrainingConfig) -> _Run:
     _log(accelerator, f"{config.method} on {config.model}: {trainable:,} trainable of {all_params:,} parameters; "
                       f"{plan.total_steps} steps of {args.batch_size} x {args.grad_accum} x "
                       f"{accelerator.num_processes} samples")
+    fsdp = _fsdp(config, accelerator.num_processes)
+    if fsdp:
+        held, whole = shard_frozen_base(model)
+        _log(accelerator, f"fsdp: frozen base sharded over {accelerator.num_processes} processes, "
+                          f"{held / 2**20:.1f} MiB of {whole / 2**20:.1f} MiB on each; adapters replicated")
     optimizer = make_optimizer(model, args.lr, args.weight_decay, args.loraplus_lr_ratio)
     scheduler = make_scheduler(optimizer, plan.total_steps, args.warmup_ratio, args.scheduler)
-    ddp_model, optimizer = accelerator.prepare(model, optimizer)
+    if fsdp:  # sharded already: accelerate would wrap it in DDP
+        ddp_model, optimizer = model, accelerator.prepare(optimizer)
+    else:
+        ddp_model, optimizer = accelerator.prepare(model, optimizer)
     return _Run(config=config, accelerator=accelerator, model=model, ddp_model=ddp_model, optimizer=optimizer,
                 scheduler=scheduler, plan=plan, eval_batches=eval_batches, stats=stats, metrics=MetricsLog(out),
                 result=TrainResult(output_dir=out, global_step=0, trainable_params=trainable, total_params=all_params),
-                config_dict=config.to_dict(), tokenizer=tokenizer, objective=objective)
+                config_dict=config.to_dict(), tokenizer=tokenizer, objective=objective, fsdp=fsdp)
+
+
+def _fsdp(config: TrainingConfig, world: int) -> bool:
+    """train.fsdp with more than one process (one process has nothing to shard)."""
+    return bool(config.train.fsdp) and world > 1
 
 
 # --- one optimizer step, and what follows it -------------------------------------------------
@@ -371,6 +431,8 @@ def _optimizer_step(run: _Run, step: int) -> dict:
     totals = objective.prepare_step(run.model, micro_batches, totals, accelerator.device,
                                     lambda values: _reduce_dict(accelerator, values))
     sums, tokens = _forward_backward(run.ddp_model, micro_batches, totals, accelerator, objective)
+    if run.fsdp:
+        average_replicated_gradients(run.model, accelerator.num_processes)
     grad_norm = None
     if args.max_grad_norm > 0:
         grad_norm = float(accelerator.clip_grad_norm_(run.model.parameters(), args.max_grad_norm))

@@ -56,21 +56,25 @@ def _linear_weight_and_bias(module: nn.Module) -> tuple[torch.Tensor, torch.Tens
 
 
 def quantize_linear(module: nn.Module, quantization: str = "nf4", compute_dtype=torch.bfloat16,
-                    double_quant: bool = True) -> nn.Module:
-    """A bitsandbytes copy of a Linear / Conv1D: NF4 (or FP4) 4-bit, or int8 (LLM.int8)."""
+                    double_quant: bool = True, consume: bool = False) -> nn.Module:
+    """A bitsandbytes copy of a Linear / Conv1D: NF4 (or FP4) 4-bit, or int8 (LLM.int8).
+    ``consume``: quantize the module's own weight tensor instead of a copy of it (the caller
+    discards the dense module: a streaming load saves one dense copy of every weight)."""
     bnb = _bnb()
     weight, bias = _linear_weight_and_bias(module)
+    if not consume:
+        weight = weight.clone()
     out_features, in_features = weight.shape
     device = weight.device
     if quantization in ("nf4", "fp4"):
         layer = bnb.nn.Linear4bit(in_features, out_features, bias=bias is not None, compute_dtype=compute_dtype,
                                   compress_statistics=double_quant, quant_type=quantization, device="meta")
-        layer.weight = bnb.nn.Params4bit(weight.clone(), requires_grad=False, compress_statistics=double_quant,
+        layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=double_quant,
                                          quant_type=quantization)
     elif quantization == "int8":
         layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=bias is not None, has_fp16_weights=False,
                                     threshold=6.0, device="meta")
-        layer.weight = bnb.nn.Int8Params(weight.clone(), requires_grad=False, has_fp16_weights=False)
+        layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
     else:
         raise LorakitError(f"unknown quantization '{quantization}'; valid choices: {', '.join(QUANT_CHOICES)}")
     if bias is not None:
@@ -101,12 +105,12 @@ def _table_as_linear(weight: torch.Tensor) -> nn.Linear:
 
 
 def quantize_embedding_and_head(model: nn.Module, quantization: str = "nf4", compute_dtype=torch.bfloat16,
-                                double_quant: bool = True, strict: bool = True) -> nn.Module:
+                                double_quant: bool = True, strict: bool = True, consume: bool = False) -> nn.Module:
     """Quantize the input embedding (a QuantizedEmbedding) and the output head (a Linear4bit) of
     ``model`` in place, 4-bit only; a head tied to the embedding shares its quantized parameter.
     Layers already quantized are left alone; returns ``model``. An embedding or head of another
     type (Gemma's scaled embedding) is an error, or with ``strict=False`` a warning that leaves
-    that pair dense."""
+    that pair dense. ``consume``: see ``quantize_linear``."""
     if quantization not in ("nf4", "fp4"):
         raise LorakitError(f"quantized embeddings need a 4-bit quantization (nf4 or fp4), not '{quantization}'; "
                            "set quantize_embeddings to false")
@@ -124,16 +128,41 @@ def quantize_embedding_and_head(model: nn.Module, quantization: str = "nf4", com
     tied = embedding is not None and head is not None and head.weight is embedding.weight
     quantized_head = None
     if head is not None and type(head) is nn.Linear:
-        quantized_head = quantize_linear(head, quantization, compute_dtype, double_quant)
+        quantized_head = quantize_linear(head, quantization, compute_dtype, double_quant, consume)
         replace_module(model, head, quantized_head)
     if embedding is not None and type(embedding) is nn.Embedding:
         if tied:  # one table: the embedding reads the head's 4-bit codes
             table = quantized_head.weight
         else:
             table = quantize_linear(_table_as_linear(embedding.weight), quantization, compute_dtype,
-                                    double_quant).weight
+                                    double_quant, consume).weight
         replace_module(model, embedding, QuantizedEmbedding(table, embedding.padding_idx))
     return model
+
+
+def quantization_targets(model: nn.Module, method_config) -> dict[int, tuple[str, nn.Module]]:
+    """id(weight) -> (quantization, module) for every weight ``quantize_base`` quantizes with
+    ``method_config``'s settings (a QLoraConfig): every Linear / Conv1D except the output head and
+    adapter layers, plus the embedding and the head when quantize_embeddings is on (unset: for
+    4-bit where the embedding is a plain nn.Embedding). For sizing and streaming loads, which
+    must quantize exactly what ``quantize_base`` would."""
+    quantization = method_config.quantization
+    embeddings = method_config.quantize_embeddings
+    if embeddings is None:
+        embeddings = quantization != "int8" and type(model.get_input_embeddings()) is nn.Embedding
+    head = model.get_output_embeddings()
+    head = getattr(head, "base_layer", head)
+    targets = {}
+    for name, module in model.named_modules():
+        if ".lora_" in f".{name}" or module is head:
+            continue
+        if type(module) is nn.Linear or type(module).__name__ == "Conv1D":
+            targets[id(module.weight)] = (quantization, module)
+    if embeddings:
+        for module in (model.get_input_embeddings(), head):
+            if module is not None:
+                targets[id(module.weight)] = (quantization, module)
+    return targets
 
 
 def resolve_compute_dtype(compute_dtype) -> torch.dtype:

@@ -1,0 +1,50 @@
+"""This process's memory and the host's free memory, read from the kernel (no psutil).
+
+Linux: ``/proc/self/status`` (VmRSS: resident now, VmHWM: the peak so far) and ``/proc/meminfo``
+(MemAvailable: what can be allocated without swapping). Elsewhere ``resource.getrusage``'s peak
+and the physical memory size stand in. A leaf module: it imports nothing of lorakit's.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def peak_rss_bytes() -> int:
+    """The highest resident set size this process has had (VmHWM)."""
+    kib = _status_kib("VmHWM")
+    if kib is not None:
+        return kib * 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
+
+
+def rss_bytes() -> int:
+    """This process's resident set size now (VmRSS; the peak where the kernel does not say)."""
+    kib = _status_kib("VmRSS")
+    return kib * 1024 if kib is not None else peak_rss_bytes()
+
+
+def available_bytes() -> int:
+    """Memory the host can still give (MemAvailable), else its physical size."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

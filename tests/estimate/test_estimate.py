@@ -1,0 +1,97 @@
+"""``lorakit estimate`` end to end on a tiny Llama with the real SmolLM2 tokenizer: batch shapes
+equal the run's real batches, the report's parts add up, ``lorakit train`` refuses a run that
+cannot fit (with what to change) and ``train.skip_estimate`` overrides it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
+from lorakit_tiny import tiny_config_dict, tiny_llama_dir  # noqa: E402,F401 (fixture)
+
+from lorakit.cli import main  # noqa: E402
+from lorakit.config import TrainingConfig  # noqa: E402
+from lorakit.data import build_datasets, make_batches  # noqa: E402
+from lorakit.errors import LorakitError  # noqa: E402
+from lorakit.estimate import estimate, verdict  # noqa: E402
+from lorakit.estimate.shapes import batch_shapes  # noqa: E402
+from lorakit.models.load import load_tokenizer  # noqa: E402
+from lorakit.training import train  # noqa: E402
+
+
+def _config(model_dir, tmp_path, **train_args) -> TrainingConfig:
+    data = tiny_config_dict(model_dir, tmp_path, tmp_path / "out", max_steps=1, batch_size=4, **train_args)
+    return TrainingConfig.from_dict(data)
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_batch_shapes_are_the_runs_real_batches(tiny_llama_dir, tmp_path, packing):
+    config = _config(tiny_llama_dir, tmp_path)
+    tokenizer = load_tokenizer(config.model)
+    samples, _, _ = build_datasets(config.data, tokenizer)
+    shapes = batch_shapes(samples, 4, packing, 128, config.train.seed, True)
+    batches = make_batches(samples, 4, tokenizer.pad_token_id, packing, 128, shuffle=True, seed=config.train.seed,
+                           group_by_length=True)
+    largest = max(batches, key=lambda b: b["input_ids"].numel())
+    assert (shapes.rows, shapes.width) == tuple(largest["input_ids"].shape)
+    assert shapes.labelled == int((largest["labels"][:, 1:] != -100).sum())
+    assert shapes.micro_batches == len(batches)
+    assert shapes.mean_tokens == pytest.approx(sum(b["input_ids"].numel() for b in batches) / len(batches))
+
+
+def test_estimate_parts_add_up_and_a_run_that_fits_is_trained(tiny_llama_dir, tmp_path):
+    config = _config(tiny_llama_dir, tmp_path)
+    result = estimate(config, timing=True)
+    assert result.fits and verdict(result).startswith("fits")
+    parts = result.parts
+    assert result.train_peak == sum(parts.values()) - min(parts["gradients"], parts["activations"])
+    assert result.peak == max(result.train_peak, result.load_peak)
+    assert result.parts["optimizer"] == 2 * result.parts["adapter"] > 0
+    assert result.activations_checkpointed < result.activations_plain == result.parts["activations"]
+    assert result.seconds_per_step is not None and result.seconds_per_step > 0
+    trained = train(config, progress=False)
+    assert trained.trainable_params == result.params.trainable
+    assert trained.total_params == result.params.trainable + result.params.frozen
+
+
+def test_train_refuses_a_run_that_cannot_fit_with_suggestions_and_skip_estimate_overrides(
+        tiny_llama_dir, tmp_path, monkeypatch):
+    import lorakit.estimate.run as estimate_run
+
+    runtime = estimate_run.rss_bytes()
+    monkeypatch.setattr(estimate_run, "rss_bytes", lambda: runtime)  # one runtime for every estimate below
+    config = _config(tiny_llama_dir, tmp_path)
+    plain = estimate(config, timing=False)
+    checkpointed = estimate(_config(tiny_llama_dir, tmp_path, grad_checkpointing=True), timing=False)
+    # a host with just the memory of the checkpointed run: the plain run does not fit, checkpointing does
+    room = checkpointed.peak + 1
+    assert plain.peak > room
+    monkeypatch.setattr(estimate_run, "available_bytes", lambda: room - runtime)
+    with pytest.raises(LorakitError, match=r"will not fit in memory: does not fit .* try: "
+                                           r"train.grad_checkpointing=true.*skip_estimate=true"):
+        train(config, progress=False)
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+    result = train(_config(tiny_llama_dir, tmp_path, skip_estimate=True), progress=False)
+    assert result.global_step == 1 and (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+def test_estimate_command_prints_the_parts_and_json(tiny_llama_dir, tmp_path, capsys):
+    data = tiny_config_dict(tiny_llama_dir, tmp_path, tmp_path / "out", max_steps=1, batch_size=4)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["estimate", str(path), "--no-timing", "lora.r=8"]) == 0
+    text = capsys.readouterr().out
+    for part in ("runtime", "weights", "adapter", "gradients", "optimizer", "activations", "head", "predicted peak RSS",
+                 "verdict: fits"):
+        assert part in text
+    assert main(["estimate", str(path), "--json", "--no-timing", "train.grad_checkpointing=true"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["fits"] and report["memory"]["activations"] == report["activations_checkpointed"]
+    # r=4 on q (32 -> 32), v (32 -> 16: 2 KV heads of 8) and up (32 -> 64), 2 layers: r·(in + out) each
+    assert report["params"]["trainable"] == 2 * 4 * ((32 + 32) + (32 + 16) + (32 + 64))
+    assert main(["estimate", str(path), "data.max_seq_len=0"]) == 2  # bad config: one line, exit 2
