@@ -288,5 +288,5 @@ def test_serving_several_adapters_uses_them_one_at_a_time(tmp_path):
     torch.testing.assert_close(_logits(multi, ids), _logits(model, ids), atol=0, rtol=0)
     multi.set_adapter(None)
     torch.testing.assert_close(_logits(multi, ids), _logits(tiny_model("gpt2"), ids), atol=0, rtol=0)
-    with pytest.raises(LorakitError, match="adapter 'bn' is BOTTLENECK; mixed-adapter batches support plain LoRA"):
+    with pytest.raises(LorakitError, match="adapter 'bn' is BOTTLENECK; mixed-adapter batches serve LoRA-family and AdaLoRA adapters"):
         multi(input_ids=ids, adapter_names=["bn", None])
