@@ -69,8 +69,8 @@ def test_train_refuses_a_run_that_cannot_fit_with_suggestions_and_skip_estimate_
     plain = estimate(config, timing=False)
     checkpointed = estimate(_config(tiny_llama_dir, tmp_path, grad_checkpointing=True), timing=False)
     # room halfway between the checkpointed and the plain run: the plain run does not fit, checkpointing
-    # does (not at the checkpointed peak + 1 byte: in the full suite the two sizings of the checkpointed
-    # run differed by a few bytes and the boundary flipped)
+    # does. (At the checkpointed peak + 1 byte this failed once in the full suite while passing alone:
+    # the suggestion's sizing of the checkpointed run came out above the boundary; cause not pinned down.)
     assert plain.peak > checkpointed.peak
     room = (plain.peak + checkpointed.peak) // 2
     monkeypatch.setattr(estimate_run, "available_bytes", lambda: room - runtime)
