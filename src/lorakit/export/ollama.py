@@ -69,7 +69,7 @@ class ChatFormat:
         suffix_asst = _after(user_asst, A)
         # the text between two contents is suffix[previous] + prefix[next]; split on the suffix
         # measured where that role's message ended the conversation
-        prefix_user, suffix_system = _split_known_suffix(suffix_system, suffix_user, sys_user, S)
+        prefix_user, suffix_system = _split_known_suffix(suffix_system, suffix_user)
         prefix_asst = _strip_prefix(_between(user_asst, U, A), suffix_user)
         before_system = sys_user[:sys_user.index(S)]
         before_user = user_only[:user_only.index(U)]
@@ -121,7 +121,7 @@ def _strip_suffix(text: str, suffix: str) -> str:
     return text[:len(text) - len(suffix)]
 
 
-def _split_known_suffix(gap: str, suffix_user: str, sys_user: str, system_mark: str) -> tuple[str, str]:
+def _split_known_suffix(gap: str, suffix_user: str) -> tuple[str, str]:
     """(prefix[user], suffix[system]) from the gap between a system and a user content, taking
     the system suffix to be the user suffix (true of every template with this shape; the check
     conversations catch a template where it is not)."""

@@ -102,7 +102,7 @@ def _prompt_of_row(row) -> list[dict] | None:
 
 
 @torch.no_grad()
-def run_model_stage(stage: str, model, tokenizer, prompts, max_new_tokens: int):
+def run_model_stage(model, tokenizer, prompts, max_new_tokens: int):
     """(answers, token lists, prompt logits) of greedy generation for each prompt."""
     from lorakit.inference.generate import build_prompt
 
@@ -193,7 +193,7 @@ def verify(adapter: str | Path, merged: str | Path | None = None, export: str | 
 
     prompts, source = verification_prompts(adapter, limit)
     loaded, tokenizer = load_for_inference(adapter, model, dtype="float32")
-    answers, tokens, ref_logits = run_model_stage("adapter", loaded, tokenizer, prompts, max_new_tokens)
+    answers, tokens, ref_logits = run_model_stage(loaded, tokenizer, prompts, max_new_tokens)
     reference = StageResult("adapter", answers, tokens)
     reference.same_answers = len(prompts)
     ref_stops = stop_ids(loaded.model, tokenizer)
@@ -206,7 +206,7 @@ def verify(adapter: str | Path, merged: str | Path | None = None, export: str | 
     else:
         merged_model, merged_tok = copy.deepcopy(loaded).merge_and_unload().eval(), tokenizer
         stops = ref_stops
-    answers, tokens, logits = run_model_stage("merged", merged_model, merged_tok, prompts, max_new_tokens)
+    answers, tokens, logits = run_model_stage(merged_model, merged_tok, prompts, max_new_tokens)
     result = StageResult("merged", answers, tokens, tolerance=FP32_TOLERANCE,
                          metadata_problems=metadata_differences(tokenizer, merged_tok, ref_stops, stops))
     results.append(compare(reference, result, ref_logits, logits))
@@ -220,7 +220,7 @@ def verify(adapter: str | Path, merged: str | Path | None = None, export: str | 
         gguf_model = AutoModelForCausalLM.from_pretrained(str(export.parent), gguf_file=export.name,
                                                           dtype=torch.float32).eval()
         gguf_tok = AutoTokenizer.from_pretrained(str(export.parent), gguf_file=export.name)
-        answers, tokens, logits = run_model_stage("gguf", gguf_model, gguf_tok, prompts, max_new_tokens)
+        answers, tokens, logits = run_model_stage(gguf_model, gguf_tok, prompts, max_new_tokens)
         result = StageResult(f"gguf ({kind.lower()})", answers, tokens, tolerance=GGUF_TOLERANCE.get(kind, 0.75),
                              exact_required=kind in EXACT_ANSWERS,
                              metadata_problems=metadata_differences(tokenizer, gguf_tok, ref_stops,

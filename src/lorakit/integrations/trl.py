@@ -27,12 +27,17 @@ point; pass ``ref_model=`` to choose another.
 
 from __future__ import annotations
 
-import trl
 from torch import nn
-from trl.trainer import sft_trainer as _trl_sft
 
 from lorakit.adapters.contract import AdaptedModel, AdapterLayer
 from lorakit.errors import LorakitError
+
+try:
+    import trl
+    from trl.trainer import sft_trainer as _trl_sft
+except ImportError:
+    raise LorakitError("lorakit.integrations.trl needs TRL; install it with: pip install 'lorakit[trl]'") from None
+
 from lorakit.integrations.transformers import with_adapters
 from lorakit.models.modules_to_save import ModulesToSaveWrapper
 
