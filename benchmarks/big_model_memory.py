@@ -62,7 +62,7 @@ def _checkpoint_params(model_dir: str) -> int:
     return total
 
 
-def side_lorakit(model_dir: str, steps: int, seq: int, dense_embeddings: bool) -> dict:
+def side_lorakit(model_dir: str, steps: int, seq: int, dense_embeddings: bool, checkpointing: bool) -> dict:
     import torch
 
     from lorakit import get_peft_model
@@ -70,6 +70,7 @@ def side_lorakit(model_dir: str, steps: int, seq: int, dense_embeddings: bool) -
     from lorakit.adapters.qlora import base_weight_memory
     from lorakit.models.load import load_model
     from lorakit.training.evaluate import batch_loss_sum
+    from lorakit.training.loop import enable_grad_checkpointing
     from lorakit.training.optim import make_optimizer
 
     def config():
@@ -80,6 +81,8 @@ def side_lorakit(model_dir: str, steps: int, seq: int, dense_embeddings: bool) -
     model, _ = load_model(model_dir, dtype="float32", quantize=config())
     loaded_s = time.perf_counter() - started
     model = get_peft_model(model, config())
+    if checkpointing:  # what train.grad_checkpointing: true does
+        enable_grad_checkpointing(model)
     weights = base_weight_memory(model)
     optimizer = make_optimizer(model, 1e-4, 0.0, None)
     model.train()
@@ -95,9 +98,9 @@ def side_lorakit(model_dir: str, steps: int, seq: int, dense_embeddings: bool) -
             "losses": losses, "seconds": time.perf_counter() - started, "torch_threads": torch.get_num_threads()}
 
 
-def side_peer(model_dir: str, steps: int, seq: int) -> dict:
+def side_peer(model_dir: str, steps: int, seq: int, checkpointing: bool) -> dict:
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     started = time.perf_counter()
@@ -106,6 +109,9 @@ def side_peer(model_dir: str, steps: int, seq: int) -> dict:
     model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quantization, dtype=torch.float32,
                                                  device_map="cpu")
     loaded_s = time.perf_counter() - started
+    if checkpointing:  # peft's QLoRA recipe
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, task_type="CAUSAL_LM"))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
@@ -120,9 +126,19 @@ def side_peer(model_dir: str, steps: int, seq: int) -> dict:
     return {"load_s": loaded_s, "losses": losses, "seconds": time.perf_counter() - started}
 
 
+def _host() -> str:
+    import platform
+
+    import torch
+
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()})")
+
+
 def _child(args, side: str) -> dict:
     command = [sys.executable, __file__, "--side", side, "--model", args.model, "--steps", str(args.steps),
-               "--seq", str(args.seq)] + (["--dense-embeddings"] if args.dense_embeddings else [])
+               "--seq", str(args.seq)] + (["--dense-embeddings"] if args.dense_embeddings else []) + \
+        (["--no-grad-checkpointing"] if not args.grad_checkpointing else [])
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         process = subprocess.Popen(command, stdout=out, stderr=err, text=True)
         _, status, usage = os.wait4(process.pid, 0)
@@ -141,21 +157,25 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--dense-embeddings", action="store_true")
+    parser.add_argument("--no-grad-checkpointing", dest="grad_checkpointing", action="store_false",
+                        help="keep every layer's activations (both sides); default: gradient checkpointing on both")
     parser.add_argument("--side", choices=["lorakit", "peer"], help=argparse.SUPPRESS)
     parser.add_argument("--sides", default="lorakit,peer")
     parser.add_argument("--json")
     args = parser.parse_args()
     if args.side == "lorakit":
-        print(json.dumps(side_lorakit(args.model, args.steps, args.seq, args.dense_embeddings)))
+        print(json.dumps(side_lorakit(args.model, args.steps, args.seq, args.dense_embeddings, args.grad_checkpointing)))
         return 0
     if args.side == "peer":
-        print(json.dumps(side_peer(args.model, args.steps, args.seq)))
+        print(json.dumps(side_peer(args.model, args.steps, args.seq, args.grad_checkpointing)))
         return 0
     results = {side: _child(args, side) for side in args.sides.split(",")}
     ours = results["lorakit"]
     params = ours["params"]
     target = 1.5 * ours["nf4_bytes"] + GIB
-    lines = [f"model {args.model}: {params / 1e9:.2f}B parameters; {args.steps} steps of 1 x {args.seq} tokens",
+    lines = [f"host: {_host()}",
+             f"model {args.model}: {params / 1e9:.2f}B parameters; {args.steps} steps of 1 x {args.seq} tokens, "
+             f"gradient checkpointing {'on' if args.grad_checkpointing else 'off'} (both sides)",
              f"weights: fp32 {4 * params / GIB:.2f} GiB, bf16 {2 * params / GIB:.2f} GiB, "
              f"NF4 (lorakit's base) {ours['nf4_bytes'] / GIB:.2f} GiB; target peak <= {target / GIB:.2f} GiB",
              f"{'side':<10}{'peak RSS':>12}{'load s':>9}{'total s':>9}  losses"]

@@ -154,7 +154,8 @@ def keep_record(model: nn.Module, record: BaseRecord) -> None:
 def compute_record(model: nn.Module, loaded=None) -> BaseRecord:
     """A fresh record of ``model`` (see the module docstring). ``loaded``: name -> the tensor as
     loaded, for a model whose parameters are not (yet) those values (a weightless skeleton while
-    a checkpoint streams in); by default the parameters themselves."""
+    a checkpoint streams in), or any tensor whose flattened first and last SLICE values are the
+    loaded tensor's (its ends are all the record reads); by default the parameters themselves."""
     config = getattr(model, "config", None)
     params = dict(sorted(model.named_parameters()))
     shapes = hashlib.sha256("\n".join(f"{n}:{tuple(p.shape)}" for n, p in params.items()).encode())

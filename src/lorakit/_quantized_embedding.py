@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 
-def _block_absmax(state) -> torch.Tensor:
+def block_absmax(state) -> torch.Tensor:
     """The fp32 absmax of every block, as ``bitsandbytes.functional.dequantize_4bit`` computes it
     (undoing double quantization), so that a row gather dequantizes bit for bit the same."""
     import bitsandbytes.functional as bnbF
@@ -55,17 +55,27 @@ class QuantizedEmbedding(nn.Module):
         return bnbF.dequantize_4bit(self.weight.data, self.weight.quant_state)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        import bitsandbytes.functional as bnbF
-
         state = self.weight.quant_state
         if self.embedding_dim % state.blocksize:  # a block spans two rows: no row gather
             return F.embedding(input_ids, self.dequantized_table(), self.padding_idx)
-        flat = input_ids.reshape(-1)  # (n,)
-        codes = self.weight.data.view(self.num_embeddings, self.embedding_dim // 2)[flat]  # (n, dim/2) uint8
-        blocks = self.embedding_dim // state.blocksize
-        absmax = _block_absmax(state).view(self.num_embeddings, blocks)[flat]  # (n, blocks) fp32
-        rows_state = bnbF.QuantState(absmax=absmax.reshape(-1), shape=torch.Size((flat.numel(), self.embedding_dim)),
-                                     code=state.code, blocksize=state.blocksize, quant_type=state.quant_type,
-                                     dtype=state.dtype)
-        rows = bnbF.dequantize_4bit(codes.reshape(-1, 1), rows_state)  # (n, dim)
+        rows = dequantize_rows(self.weight, input_ids.reshape(-1))  # (n, dim)
         return rows.view(*input_ids.shape, self.embedding_dim)
+
+
+def dequantize_rows(weight, rows, absmax: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows ``rows`` (a slice or an index tensor) of the dequantized 4-bit matrix ``weight`` (a
+    ``Params4bit`` of shape (num, dim) with 64 | dim, so every block lies inside one row), bit for
+    bit those rows of ``dequantize_4bit(weight)``, reading only their codes: (n, dim) in the
+    matrix's original dtype. ``absmax``: ``block_absmax(weight.quant_state)``, when the caller
+    dequantizes many row sets of one matrix (it costs one pass over the absmax values)."""
+    import bitsandbytes.functional as bnbF
+
+    state = weight.quant_state
+    num, dim = state.shape
+    blocks = dim // state.blocksize
+    absmax = (block_absmax(state) if absmax is None else absmax).view(num, blocks)[rows]  # (n, blocks) fp32
+    codes = weight.data.view(num, dim // 2)[rows]  # (n, dim/2) uint8: two codes per byte
+    rows_state = bnbF.QuantState(absmax=absmax.reshape(-1), shape=torch.Size((codes.shape[0], dim)),
+                                 code=state.code, blocksize=state.blocksize, quant_type=state.quant_type,
+                                 dtype=state.dtype)
+    return bnbF.dequantize_4bit(codes.reshape(-1, 1), rows_state)

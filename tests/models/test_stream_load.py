@@ -74,3 +74,18 @@ def test_streaming_load_equals_dense_load_then_quantize(tmp_path, smol_tokenizer
         with torch.no_grad():
             assert torch.equal(streamed(input_ids).logits, dense(input_ids).logits), mode
     assert not any(p.is_meta for p in streamed.parameters()) and not any(b.is_meta for b in streamed.buffers())
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_streaming_load_in_many_row_chunks_equals_dense_load(tmp_path, smol_tokenizer, monkeypatch, tied):
+    """Every 4-bit matrix read 64 rows at a time (several chunks each: the 256-row table, the
+    128-row MLP weights) still gives the dense load's quantized model, to the bit."""
+    from lorakit.adapters.qlora import streamed
+
+    chunks = []
+    quantize = streamed.quantize_4bit_by_rows
+    monkeypatch.setattr(streamed, "CHUNK_VALUES", 64 * 64)
+    monkeypatch.setattr(streamed, "quantize_4bit_by_rows", lambda read_rows, shape, *a, **kw: chunks.append(
+        streamed.chunk_rows(shape[1])) or quantize(read_rows, shape, *a, **kw))
+    test_streaming_load_equals_dense_load_then_quantize(tmp_path, smol_tokenizer, "llama", tied, "nf4", None)
+    assert chunks and set(chunks) == {64}

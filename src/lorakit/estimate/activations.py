@@ -124,18 +124,26 @@ def trace_activations(adapted: nn.Module, batch: int, seq: int) -> ActivationTra
 
 
 def head_bytes(labelled: int, vocab: int, hidden: int, head_element: int, fused: bool,
-               head_trains: bool = False) -> int:
+               head_trains: bool = False, quantized: bool = False) -> int:
     """Bytes of the output head + loss over N = ``labelled`` positions at its peak (backward).
 
     fused (``training.fused_loss``, a plain Linear head): the (N, H) rows, their gradient
     ∂loss/∂h kept from forward, one (chunk, V) fp32 logits block, and ∂loss/∂W (V, H) fp32 when
-    the head trains. Otherwise (a quantized or adapted head, or DDP's full forward): the (N, V)
+    the head trains. quantized (``training.quantized_head_loss``, a 4-bit head the loop applies
+    itself): the rows and their gradient, one (chunk, V) fp32 logits block, one dense (slice, H)
+    fp32 slice of the head and the head's fp32 absmax values (V·H/64). Otherwise (a quantized or adapted head, or DDP's full forward): the (N, V)
     logits in the head's dtype, their fp32 copy and log-softmax kept for backward, and two more
     (N, V) fp32 tensors in backward (the gradient of log-softmax and of the logits)."""
     if fused:
         chunk = _chunk_rows(vocab, DEFAULT_CHUNK_ELEMENTS)
         size = 2 * labelled * hidden * head_element + min(chunk, max(labelled, 1)) * vocab * 4
         return size + (vocab * hidden * 4 if head_trains else 0)
+    if quantized:
+        from lorakit.training.quantized_head_loss import DEFAULT_LOGIT_ELEMENTS, DEFAULT_SLICE_ELEMENTS
+
+        chunk = max(1, DEFAULT_LOGIT_ELEMENTS // max(vocab, 1))
+        return (2 * labelled * hidden * head_element + min(chunk, max(labelled, 1)) * vocab * 4
+                + DEFAULT_SLICE_ELEMENTS * 4 + vocab * hidden // 64 * 4)
     logits = labelled * vocab
     copies = 3 if head_element == 4 else 4     # an fp32 head needs no fp32 copy of its logits
     return logits * head_element + copies * logits * 4

@@ -47,6 +47,7 @@ from lorakit.errors import LorakitError
 from lorakit.estimate.activations import ActivationTrace, head_bytes, trace_activations
 from lorakit.estimate.shapes import BatchShapes, batch_shapes
 from lorakit.adapters.qlora.base import quantization_targets
+from lorakit.adapters.qlora.streamed import CHUNK_VALUES
 from lorakit.estimate.sizing import ParameterCounts, count_parameters, sizing_model
 from lorakit.estimate.timing import StepWork, host_rates
 
@@ -91,6 +92,7 @@ class _Sized:
     trace: ActivationTrace
     shapes: BatchShapes
     fused_head: bool
+    sliced_head: bool
     head_trains: bool
     head_element: int
     runtime: int
@@ -170,15 +172,18 @@ def _size(config, samples: list[dict], world: int) -> _Sized:
     head = adapted.model.get_output_embeddings()
     quantized_head = hasattr(config.lora, "quantization") and id(getattr(head, "weight", None)) in \
         quantization_targets(adapted.model, config.lora)
-    fused = world == 1 and _plain_head_model(adapted) is not None and type(head) is torch.nn.Linear \
-        and not quantized_head
+    plain_lm = world == 1 and _plain_head_model(adapted) is not None
+    fused = plain_lm and type(head) is torch.nn.Linear and not quantized_head
+    # a 4-bit head the loop applies itself goes through training.quantized_head_loss
+    sliced_head = plain_lm and quantized_head and config.lora.quantization in ("nf4", "fp4") \
+        and getattr(model_config, "hidden_size", 1) % 64 == 0
     file_bytes, file_element = _model_files(source)
     if file_element is None:  # no local files (a hub id): the dtype the config says it was saved in
         saved = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None)
         file_element = {"float32": 4, "bfloat16": 2, "float16": 2}.get(str(saved).removeprefix("torch."))
     element = torch.finfo(base_dtype).bits // 8
     return _Sized(config=config, model_config=model_config, adapted=adapted, params=params, trace=trace,
-                  shapes=shapes, fused_head=fused, head_trains=bool(head is not None and head.weight.requires_grad),
+                  shapes=shapes, fused_head=fused, sliced_head=sliced_head, head_trains=bool(head is not None and head.weight.requires_grad),
                   head_element=element, runtime=rss_bytes(), file_bytes=file_bytes,
                   file_dtype_bytes=file_element or element, base_element=element, world=world)
 
@@ -208,7 +213,7 @@ def _memory(sized: _Sized, batch_factor: float, checkpointing: bool, params: Par
         "optimizer": 2 * params.trainable_bytes,
         "activations": checkpointed if checkpointing else plain,
         "head": head_bytes(labelled, config.vocab_size, hidden, sized.head_element, sized.fused_head,
-                           sized.head_trains),
+                           sized.head_trains, quantized=sized.sliced_head),
         "backward": round(trace.largest_layer * shapes.rows / sized.trace.batch),
     }
     if sized.config.train.fsdp and sized.world > 1:
@@ -219,7 +224,10 @@ def _memory(sized: _Sized, batch_factor: float, checkpointing: bool, params: Par
     largest = params.largest_frozen_bytes * load_element // max(sized.base_element, 1)
     if params.frozen_bytes < params.frozen * load_element:
         # a quantized base streams in (models.stream_load): the 4-bit weights plus the largest
-        # dense tensor in flight, read in the file's dtype and converted
+        # dense tensor in flight, read in the file's dtype and converted; a 4-bit linear or table
+        # arrives a chunk of rows at a time (adapters.qlora.streamed), never whole
+        if getattr(sized.config.lora, "quantization", None) in ("nf4", "fp4"):
+            largest = min(largest, CHUNK_VALUES * load_element)
         load = sized.runtime + params.frozen_bytes + largest * (1 + sized.file_dtype_bytes / load_element)
     else:
         # from_pretrained maps the files; a load in another dtype converts them into new tensors

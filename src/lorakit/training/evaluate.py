@@ -10,6 +10,7 @@ from torch.distributed.fsdp import FSDPModule
 from lorakit.adapters.contract import AdaptedModel
 from lorakit.data import IGNORE_INDEX, batch_to_device
 from lorakit.training.fused_loss import linear_cross_entropy_sum
+from lorakit.training import quantized_head_loss
 
 
 def count_targets(batch: dict) -> int:
@@ -49,7 +50,8 @@ def labelled_loss_sum(lm, batch: dict) -> torch.Tensor:
     """Sum of token losses computed only where there is a label: decoder on all tokens, then the
     output head and cross-entropy on the N labelled positions, (N, H) -> loss, instead of
     (B, T, V) logits. A plain ``nn.Linear`` head goes through the fused, chunked head + loss
-    (``fused_loss``: no (N, V) logits at all); any other head (quantized, adapted) is applied to
+    (``fused_loss``: no (N, V) logits at all), a 4-bit head through ``quantized_head_loss`` (no
+    dense (V, H) weight); any other head (quantized, adapted) is applied to
     the N rows and followed by cross-entropy. Same value as the model's own loss x N."""
     decoder = getattr(lm, lm.base_model_prefix)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -60,6 +62,8 @@ def labelled_loss_sum(lm, batch: dict) -> torch.Tensor:
     head = lm.get_output_embeddings()
     if type(head) is torch.nn.Linear:
         return linear_cross_entropy_sum(rows, head.weight, head.bias, targets[keep])
+    if quantized_head_loss.supports(head):  # a 4-bit head: read in vocabulary slices, never dense
+        return quantized_head_loss.quantized_head_cross_entropy_sum(rows, head, targets[keep])
     return torch.nn.functional.cross_entropy(head(rows).float(), targets[keep], reduction="sum")  # (N, V) logits
 
 

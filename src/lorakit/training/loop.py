@@ -281,7 +281,8 @@ def _start_or_resume(run: _Run) -> int:
 
 # --- setting up a run ----------------------------------------------------------------------
 
-def _enable_grad_checkpointing(model) -> None:
+def enable_grad_checkpointing(model) -> None:
+    """Gradient checkpointing (non-reentrant) on every decoder layer of ``model`` (an AdaptedModel)."""
     lm = model.model  # recent transformers rename gradient_checkpointing_enable
     if hasattr(lm, "activation_checkpointing_enable"):
         lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -363,7 +364,7 @@ def _model_and_data(config: TrainingConfig, accelerator):
         # correlated masks; checkpoints keep every rank's RNG state (rng_state.pt, one per rank)
         set_seed(args.seed, device_specific=True)
     if args.grad_checkpointing:
-        _enable_grad_checkpointing(model)
+        enable_grad_checkpointing(model)
     message = compile_blocks(model.model, args.compile, accelerator.device.type)
     if args.compile is not False:
         _log(accelerator, message)

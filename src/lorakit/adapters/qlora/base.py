@@ -41,6 +41,7 @@ from lorakit._fingerprint import base_record
 from lorakit._modules import replace_module, set_submodule
 from lorakit._quantized_embedding import QuantizedEmbedding
 from lorakit.adapters.contract import AdapterLayer
+from lorakit.adapters.qlora.streamed import is_prequantized
 from lorakit.errors import LorakitError
 
 QUANT_CHOICES = ("nf4", "fp4", "int8")
@@ -61,6 +62,8 @@ def quantize_linear(module: nn.Module, quantization: str = "nf4", compute_dtype=
     ``consume``: quantize the module's own weight tensor instead of a copy of it (the caller
     discards the dense module: a streaming load saves one dense copy of every weight)."""
     bnb = _bnb()
+    if quantization in ("nf4", "fp4") and is_prequantized(module.weight):  # quantized as it streamed in
+        return _linear4bit_around(module.weight, module.bias, compute_dtype)
     weight, bias = _linear_weight_and_bias(module)
     if not consume:
         weight = weight.clone()
@@ -89,6 +92,19 @@ def quantize_linear(module: nn.Module, quantization: str = "nf4", compute_dtype=
     except (RuntimeError, NotImplementedError) as err:
         raise LorakitError(f"bitsandbytes cannot run {quantization} on {device} here "
                            f"({str(err).splitlines()[0]}); use another quantization or device") from None
+    return layer
+
+
+def _linear4bit_around(weight, bias, compute_dtype) -> nn.Module:
+    """A bitsandbytes Linear4bit whose weight is the already quantized ``weight`` (a Params4bit)."""
+    out_features, in_features = weight.quant_state.shape
+    layer = _bnb().nn.Linear4bit(in_features, out_features, bias=bias is not None, compute_dtype=compute_dtype,
+                                 compress_statistics=weight.compress_statistics, quant_type=weight.quant_type,
+                                 device="meta")
+    layer.weight = weight
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+    layer.support_avx512bf16_for_cpu = False  # see quantize_linear
     return layer
 
 
@@ -133,6 +149,8 @@ def quantize_embedding_and_head(model: nn.Module, quantization: str = "nf4", com
     if embedding is not None and type(embedding) is nn.Embedding:
         if tied:  # one table: the embedding reads the head's 4-bit codes
             table = quantized_head.weight
+        elif is_prequantized(embedding.weight):  # quantized as it streamed in
+            table = embedding.weight
         else:
             table = quantize_linear(_table_as_linear(embedding.weight), quantization, compute_dtype,
                                     double_quant, consume).weight
