@@ -26,6 +26,10 @@ def register(subparsers) -> None:
                              "step, more wait in arrival order (default: 32)")
     parser.add_argument("--max-kv-mb", type=float, default=1024,
                         help="cap on the KV cache of the running batch, in MiB (default: 1024)")
+    parser.add_argument("--prefill-tokens", type=int, default=256,
+                        help="prompt tokens prefilled per step while other requests decode; a burst of new "
+                             "requests joins over several steps instead of stalling the running streams "
+                             "(the first waiting request always joins; default: 256)")
     parser.add_argument("--batch-window-ms", type=float, default=10.0,
                         help="when idle, how long to wait for requests arriving together before the first "
                              "step (default: 10)")
@@ -54,5 +58,5 @@ def run(args) -> int:
     serve(args.model, parse_adapter_specs(args.adapter), host=args.host, port=args.port, api_key=args.api_key,
           adapter_root=args.adapter_root, limits=limits, dtype=args.dtype, device=args.device,
           max_batch=args.max_batch, batch_window_ms=args.batch_window_ms, served_model_name=args.served_model_name,
-          force=args.force, max_kv_mb=args.max_kv_mb)
+          force=args.force, max_kv_mb=args.max_kv_mb, prefill_tokens=args.prefill_tokens)
     return 0

@@ -41,11 +41,13 @@ def serving_dtype(requested: str, device: str = "cpu", probe=None) -> str:
 def build_app(model: str, adapters: dict[str, str] | None = None, api_key: str | None = None,
               adapter_root: str | Path | None = None, limits: Limits | None = None, dtype: str = "float32",
               device: str = "cpu", max_batch: int = 32, batch_window_ms: float = 10.0,
-              served_model_name: str | None = None, force: bool = False, max_kv_mb: float = 1024):
+              served_model_name: str | None = None, force: bool = False, max_kv_mb: float = 1024,
+              prefill_tokens: int | None = None):
     """(ASGI app, engine) for ``model`` with ``adapters`` loaded; see lorakit.server.app. An
     adapter recorded as trained on another base (its fingerprint, else its base model name) is
     refused, at startup and at run time, unless ``force``. ``max_batch`` rows decode together at
-    most, their KV cache within ``max_kv_mb``; more requests wait in arrival order."""
+    most, their KV cache within ``max_kv_mb``; more requests wait in arrival order; while rows
+    decode, joining prompts are prefilled ``prefill_tokens`` at most per step (the engine's default)."""
     from lorakit.inference.multi_adapter import MultiAdapterModel
     from lorakit.server.app import ServerSettings, create_app
     from lorakit.server.engine import BatchingEngine
@@ -58,7 +60,8 @@ def build_app(model: str, adapters: dict[str, str] | None = None, api_key: str |
     if base_name in multi.adapter_names:
         raise LorakitError(f"adapter name '{base_name}' is also the base model's name; rename the adapter")
     engine = BatchingEngine(multi, multi.tokenizer, max_batch=max_batch, batch_window_s=batch_window_ms / 1000,
-                            max_kv_bytes=int(max_kv_mb * 2**20))
+                            max_kv_bytes=int(max_kv_mb * 2**20),
+                            **({} if prefill_tokens is None else {"prefill_tokens": prefill_tokens}))
     settings = ServerSettings(base_name, api_key, Path(adapter_root) if adapter_root else None, limits or Limits())
     return create_app(engine, settings), engine
 
