@@ -97,7 +97,9 @@ def _measured_step_s(output_dir: Path) -> float:
     return statistics.median(steps) if steps else elapsed[0]
 
 
-def run_row(name: str, row: dict, work: Path, steps: int) -> dict:
+def run_row(name: str, row: dict, work: Path, steps: int, measured: dict | None = None) -> dict:
+    """Predict and measure one row; with ``measured`` (a row of an earlier --json), predict only
+    and compare with what that run measured."""
     data = _write_text_data(work / f"{name}.jsonl", rows=4 * row.get("batch", 4) * steps,
                             words_per_row=row["seq"] * 2)
     config_path = work / f"{name}.yaml"
@@ -107,12 +109,15 @@ def run_row(name: str, row: dict, work: Path, steps: int) -> dict:
     if code not in (0, 1):
         raise SystemExit(f"{name}: lorakit estimate failed (exit {code})")
     predicted = json.loads(stdout)
-    print(f"{name}: estimate done, training {steps} steps", file=sys.stderr)
-    code, _, peak = _run_child_with_rusage(cli + ["train", str(config_path), "--no-progress",
-                                                  "train.skip_estimate=true"])
-    if code != 0:
-        raise SystemExit(f"{name}: lorakit train failed (exit {code})")
-    measured_s = _measured_step_s(work / name)
+    if measured is not None:
+        peak, measured_s = measured["measured_peak"], measured["measured_s"]
+    else:
+        print(f"{name}: estimate done, training {steps} steps", file=sys.stderr)
+        code, _, peak = _run_child_with_rusage(cli + ["train", str(config_path), "--no-progress",
+                                                      "train.skip_estimate=true"])
+        if code != 0:
+            raise SystemExit(f"{name}: lorakit train failed (exit {code})")
+        measured_s = _measured_step_s(work / name)
     return {"row": name, "predicted_peak": predicted["peak"], "measured_peak": peak,
             "peak_error": (predicted["peak"] - peak) / peak, "predicted_s": predicted["seconds_per_step"],
             "measured_s": measured_s, "time_error": (predicted["seconds_per_step"] - measured_s) / measured_s,
@@ -139,16 +144,27 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--big-model", help="directory of the ~3B model (benchmarks/make_big_model.py)")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--measured", help="a --json file of an earlier run on this host: predict again, "
+                                           "compare with its measurements (no training)")
     args = parser.parse_args()
     rows = _rows(args.big_model)
     chosen = args.only.split(",") if args.only else list(rows)
     unknown = [name for name in chosen if name not in rows]
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; choose from {', '.join(rows)}")
+    earlier = {r["row"]: r for r in json.loads(Path(args.measured).read_text())} if args.measured else {}
     results = []
     with tempfile.TemporaryDirectory(prefix="lorakit-estimate-") as tmp:
         for name in chosen:
-            results.append(run_row(name, rows[name], Path(tmp), args.steps))
+            if args.measured and name not in earlier:
+                raise SystemExit(f"{args.measured} has no measurement for row {name}")
+            results.append(run_row(name, rows[name], Path(tmp), args.steps, earlier.get(name)))
+    import platform
+
+    import torch
+
+    print(f"host: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
+          f"({torch.backends.cpu.get_cpu_capability()})" + (f"; measurements from {args.measured}" if earlier else ""))
     print(_table(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

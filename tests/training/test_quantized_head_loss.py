@@ -32,8 +32,11 @@ def _reference(head, hidden, targets):
 @pytest.mark.parametrize("compute,atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-3)])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("logit_rows,slice_rows", [(7, 300), (1000, 5000)])  # many chunks and slices; one of each
-def test_value_and_gradient_equal_linear4bit_then_cross_entropy(compute, atol, bias, logit_rows, slice_rows):
+@pytest.mark.parametrize("kept", [True, False])  # the head's slices kept for the whole call, or made in each pass
+def test_value_and_gradient_equal_linear4bit_then_cross_entropy(compute, atol, bias, logit_rows, slice_rows, kept,
+                                                                monkeypatch):
     vocab, width, rows = 1000, 128, 29
+    monkeypatch.setattr(quantized_head_loss, "DENSE_HEAD_ELEMENTS", vocab * width if kept else 0)
     head = _head(vocab, width, bias, compute)
     assert quantized_head_loss.supports(head)
     generator = torch.Generator().manual_seed(1)
@@ -50,18 +53,23 @@ def test_value_and_gradient_equal_linear4bit_then_cross_entropy(compute, atol, b
                               rtol=1e-6, atol=atol * rows)
 
 
-def test_the_dense_head_weight_is_never_made(monkeypatch):
-    """Only slices of |s| <= slice rows are dequantized: the whole (V, H) table never is."""
+@pytest.mark.parametrize("large", [True, False])
+def test_a_large_head_is_read_in_slices_per_pass_and_a_small_one_once(monkeypatch, large):
+    """Only slices of |s| <= slice rows are dequantized, never the whole (V, H) table: a head over
+    DENSE_HEAD_ELEMENTS in each pass of each row chunk (2 chunks x 2 passes x 4 slices), a smaller
+    one once per call (4 slices)."""
     import bitsandbytes.functional as bnbF
 
     head = _head(1000, 128, False, torch.float32)
+    monkeypatch.setattr(quantized_head_loss, "DENSE_HEAD_ELEMENTS", 1000 * 128 - 1 if large else 1000 * 128)
     shapes, dequantize = [], bnbF.dequantize_4bit
     monkeypatch.setattr(bnbF, "dequantize_4bit", lambda a, state, *rest, **kw: shapes.append(tuple(state.shape))
                         or dequantize(a, state, *rest, **kw))
     hidden = torch.randn(10, 128, requires_grad=True)
     quantized_head_loss.quantized_head_cross_entropy_sum(hidden, head, torch.zeros(10, dtype=torch.long),
-                                                         slice_elements=256 * 128).backward()
-    assert shapes and max(rows for rows, _ in shapes) == 256
+                                                         logit_elements=5 * 1000, slice_elements=256 * 128).backward()
+    assert max(rows for rows, _ in shapes) == 256
+    assert len(shapes) == (16 if large else 4)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

@@ -97,7 +97,9 @@ def measure_rates(in_features: int, out_features: int, tokens: int, kind: str, d
 
 def host_rates(in_features: int, out_features: int, tokens: int, kind: str, dtype: torch.dtype, heads: int,
                seq: int, head_dim: int) -> Rates:
-    """``measure_rates`` for these shapes on this host: from the cache, else measured and cached."""
+    """``measure_rates`` for these shapes on this host, measured again and combined with the cached
+    rates: the faster of the two for each (a busy moment can only slow a measurement down, so the
+    fastest seen is this host's; a calibration made while the host was loaded does not stay)."""
     from lorakit.hardware import _probe_path, probe_host
 
     probe = probe_host()
@@ -105,12 +107,15 @@ def host_rates(in_features: int, out_features: int, tokens: int, kind: str, dtyp
     key = json.dumps([_FORMAT, _probe_path().name, in_features, out_features, tokens, kind, str(dtype), heads, seq,
                       head_dim])
     path = cache_dir() / "host" / f"step-rates-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
-    try:
-        return Rates(**json.loads(path.read_text()))
-    except (OSError, ValueError, TypeError):
-        pass
     rates = measure_rates(in_features, out_features, tokens, kind, dtype, heads, seq, head_dim,
                           probe.memory_gbps * 1e9)
+    try:
+        cached = Rates(**json.loads(path.read_text()))
+        rates = Rates(linear_s_per_flop=min(rates.linear_s_per_flop, cached.linear_s_per_flop),
+                      attention_s_per_flop=min(rates.attention_s_per_flop, cached.attention_s_per_flop),
+                      memory_bytes_per_s=max(rates.memory_bytes_per_s, cached.memory_bytes_per_s))
+    except (OSError, ValueError, TypeError):
+        pass
     try:
         write_json_atomic(path, asdict(rates))
     except OSError:

@@ -17,7 +17,8 @@ rows are taken ``chunk_rows`` at a time (C rows, C·V fp32 logits held at once):
 The gradient is computed in forward (as ``fused_loss``) and backward only scales it. Peak extra
 memory is one (C, V) fp32 logits block and one (|s|, H) dense slice, never (V, H); the price is
 one more dequantization of the head per row chunk (two per chunk in all, as bitsandbytes does
-per step when one chunk holds every row). The head is frozen (a 4-bit weight has no gradient);
+per step when one chunk holds every row). A head small enough (DENSE_HEAD_ELEMENTS) is
+dequantized once per step instead and its slices kept for every chunk and both passes. The head is frozen (a 4-bit weight has no gradient);
 logits are formed in the layer's ``compute_dtype`` as ``Linear4bit`` does and reduced in fp32.
 """
 
@@ -32,6 +33,10 @@ from lorakit._quantized_embedding import block_absmax, dequantize_rows
 DEFAULT_LOGIT_ELEMENTS = 32 * 2**20
 # Dense head rows at once: |s| x H (32 MiB fp32 at H = 3072).
 DEFAULT_SLICE_ELEMENTS = 8 * 2**20
+# A head of at most this many values is dequantized once per call and kept for every row chunk
+# and both passes (SmolLM2's 49152 x 576 table: 108 MiB fp32, less than the logits it serves);
+# a larger one is dequantized slice by slice in each pass.
+DENSE_HEAD_ELEMENTS = 32 * 2**20
 
 
 def supports(head) -> bool:
@@ -62,15 +67,16 @@ def _head_slices(head, slice_rows: int):
 
 def _loss_and_grad(hidden, head, targets, chunk_rows: int, slice_rows: int, need_grad: bool):
     """(loss sum (fp32 scalar), ∂loss/∂hidden (N, H) or None)."""
-    vocab = head.weight.quant_state.shape[0]
+    vocab, width = head.weight.quant_state.shape
     compute = head.compute_dtype or head.weight.quant_state.dtype
+    kept = list(_head_slices(head, slice_rows)) if vocab * width <= DENSE_HEAD_ELEMENTS else None
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     grad_hidden = torch.empty_like(hidden) if need_grad else None
     for start in range(0, hidden.shape[0], chunk_rows):
         h = hidden[start: start + chunk_rows].to(compute)                      # (C, H)
         t = targets[start: start + chunk_rows]                                 # (C,)
         logits = torch.empty(h.shape[0], vocab, dtype=torch.float32, device=h.device)  # (C, V)
-        for part, weight, bias in _head_slices(head, slice_rows):
+        for part, weight, bias in kept or _head_slices(head, slice_rows):
             logits[:, part] = torch.nn.functional.linear(h, weight, bias)
         lse = torch.logsumexp(logits, dim=-1)                                  # (C,)
         total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
@@ -79,7 +85,7 @@ def _loss_and_grad(hidden, head, targets, chunk_rows: int, slice_rows: int, need
         grad = logits.sub_(lse[:, None]).exp_()                                # softmax, in place
         grad[torch.arange(len(t), device=grad.device), t] -= 1.0               # - onehot(t)
         chunk_grad = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
-        for part, weight, _ in _head_slices(head, slice_rows):
+        for part, weight, _ in kept or _head_slices(head, slice_rows):
             chunk_grad += (grad[:, part].to(compute) @ weight).float()         # (C, H), summed in fp32
         grad_hidden[start: start + chunk_rows] = chunk_grad.to(hidden.dtype)
     return total, grad_hidden
