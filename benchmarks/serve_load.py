@@ -23,8 +23,12 @@ inter-token latency p50/p99 (gaps between streamed chunks), requests lost (error
 streams), and with ``--check`` requests whose greedy answer differs from that adapter alone.
 
 Decode roofline (in this process): the host's memory bandwidth from a large copy (bytes read +
-written / time, best of 5), and lorakit's decode tokens/s at ``--decode-rows`` rows against the
-bandwidth limit rows x bandwidth / (bytes of weights read per step).
+written / time, best of 5), and lorakit's decode tokens/s at ``--decode-rows`` rows (in the dtype
+``lorakit serve --dtype auto`` picks on this host) against the bandwidth limit rows x bandwidth /
+(bytes of weights read per step), and against the compute limit: the base's 2 x parameters FLOPs
+per token at this host's measured rate for the decode step's matmul ((rows, hidden) @ (hidden,
+intermediate), best of 20). At 32 rows on a 2-core CPU the compute limit is the lower one: a
+decode step there is bound by matmul work, not by reading the weights.
 """
 
 from __future__ import annotations
@@ -143,31 +147,58 @@ def weight_bytes(model) -> int:
     return total
 
 
-def decode_roofline(model_dir: str, dirs: dict[str, str], rows: int, bandwidth: float) -> dict:
-    """lorakit's steady decode tokens/s at ``rows`` rows over the 8 adapters, and the bandwidth limit."""
-    from lorakit.inference import MultiAdapterModel
+def matmul_rate(rows: int, in_features: int, out_features: int, dtype: torch.dtype) -> float:
+    """FLOP/s of the decode step's typical matmul on this host, best of 20: (rows, in) @ (in, out)."""
+    x = torch.randn(rows, in_features).to(dtype)
+    weight = torch.randn(in_features, out_features).to(dtype)
+    best = float("inf")
+    for _ in range(20):
+        start = time.perf_counter()
+        x @ weight
+        best = min(best, time.perf_counter() - start)
+    return 2 * rows * in_features * out_features / best
+
+
+def _decode_tokens_per_s(multi, rows: int, adapters: list[str | None], steps: int = 16) -> float:
     from lorakit.inference.batched import GenerationRequest
     from lorakit.inference.continuous import ContinuousBatcher
 
-    multi = MultiAdapterModel.from_pretrained(model_dir, dirs)
-    names = list(dirs)
     batcher = ContinuousBatcher(multi, multi.tokenizer, max_rows=rows)
     prompt = multi.tokenizer("Write two sentences about the sea.")["input_ids"]
-    states = [batcher.new_row(GenerationRequest(prompt, names[i % len(names)], 64, ignore_eos=True))
+    states = [batcher.new_row(GenerationRequest(prompt, adapters[i % len(adapters)], 64, ignore_eos=True))
               for i in range(rows)]
     batcher.step(states)
     for _ in range(3):  # warm-up
         batcher.step()
-    steps = 16
     start = time.perf_counter()
     for _ in range(steps):
         batcher.step()
-    seconds = time.perf_counter() - start
-    measured = rows * steps / seconds
+    return rows * steps / (time.perf_counter() - start)
+
+
+def decode_roofline(model_dir: str, dirs: dict[str, str], rows: int, bandwidth: float) -> dict:
+    """lorakit's steady decode tokens/s at ``rows`` rows over the 8 adapters (and with every row on
+    the base), in the dtype ``lorakit serve`` picks here (--dtype auto), against two limits:
+    bandwidth (rows x bandwidth / bytes of weights read per step) and compute (the base's matmul
+    FLOPs per token, 2 x its parameters, at this host's rate for the decode step's matmul shape)."""
+    from lorakit.inference import MultiAdapterModel
+    from lorakit.server.run import serving_dtype
+
+    dtype = serving_dtype("auto")
+    multi = MultiAdapterModel.from_pretrained(model_dir, dirs, dtype=dtype)
+    measured = _decode_tokens_per_s(multi, rows, list(dirs))
+    base_only = _decode_tokens_per_s(multi, rows, [None])
     weights = weight_bytes(multi.model)
     limit = rows * bandwidth / weights
-    return {"rows": rows, "tokens_per_s": measured, "limit_tokens_per_s": limit, "fraction": measured / limit,
-            "weight_bytes": weights}
+    config = multi.model.config
+    base_params = sum(p.numel() for p in {p.data_ptr(): p for n, p in multi.model.named_parameters()
+                                           if "lora_" not in n and "modules_to_save" not in n}.values())
+    rate = matmul_rate(rows, config.hidden_size, config.intermediate_size, getattr(torch, dtype))
+    compute_limit = rate / (2 * base_params)
+    return {"rows": rows, "dtype": dtype, "tokens_per_s": measured, "base_only_tokens_per_s": base_only,
+            "limit_tokens_per_s": limit, "fraction": measured / limit, "weight_bytes": weights,
+            "matmul_flops_per_s": rate, "compute_limit_tokens_per_s": compute_limit,
+            "compute_fraction": measured / compute_limit}
 
 
 # --- servers -------------------------------------------------------------------------------
@@ -346,9 +377,14 @@ def main(argv=None) -> int:
     dirs = make_adapters(model_dir, root / "adapters")
     print(f"model {model_dir}; adapters: {', '.join(dirs)}")
     roofline = decode_roofline(model_dir, dirs, args.decode_rows, bandwidth)
-    print(f"decode at {roofline['rows']} rows: {roofline['tokens_per_s']:.1f} tokens/s; bandwidth limit "
-          f"{roofline['limit_tokens_per_s']:.1f} tokens/s ({roofline['weight_bytes'] / 2**20:.0f} MiB of weights "
-          f"per step) -> {100 * roofline['fraction']:.1f}% of the limit")
+    print(f"decode at {roofline['rows']} rows ({roofline['dtype']} base): {roofline['tokens_per_s']:.1f} tokens/s over "
+          f"the 8 adapters, {roofline['base_only_tokens_per_s']:.1f} with every row on the base\n"
+          f"  bandwidth limit {roofline['limit_tokens_per_s']:.1f} tokens/s ({roofline['weight_bytes'] / 2**20:.0f} MiB "
+          f"of weights per step) -> {100 * roofline['fraction']:.1f}% of it\n"
+          f"  compute limit {roofline['compute_limit_tokens_per_s']:.1f} tokens/s (decode matmul at "
+          f"{roofline['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s here) -> {100 * roofline['compute_fraction']:.1f}% of it; "
+          f"the compute limit is {100 * roofline['compute_limit_tokens_per_s'] / roofline['limit_tokens_per_s']:.0f}% "
+          f"of the bandwidth limit")
 
     print(f"\n{'side':8} {'N':>4} {'sent':>5} {'done':>5} {'lost':>4} {'tok/s':>9} {'ttft50':>8} {'ttft99':>8} "
           f"{'itl50ms':>8} {'itl99ms':>8}")

@@ -125,8 +125,8 @@ def test_batched_generation_with_dora_and_modules_to_save_rows_equals_each_alone
         assert torch.equal(out[b], alone[0]), name
 
 
-@pytest.mark.parametrize("rows", [["dora"] * 4, ["dora"] * 4 + [None, "rslora", "rslora", "rslora"],
-                                  ["ada"] * 8 + ["mts"] * 4 + [None] * 4])
+@pytest.mark.parametrize("rows", [["dora"] * 8, ["dora"] * 8 + [None] + ["rslora"] * 8,
+                                  ["ada"] * 8 + ["mts"] * 8 + [None] * 4])
 def test_rows_sharing_few_adapters_side_by_side_equal_each_alone(multi, rows):
     """Many rows over few adapters take the side-by-side form (each adapter read once per step,
     rows masked to their own block); the test above, with few rows per adapter, the per-row form."""
