@@ -26,10 +26,10 @@ def register(subparsers) -> None:
                              "step, more wait in arrival order (default: 32)")
     parser.add_argument("--max-kv-mb", type=float, default=1024,
                         help="cap on the KV cache of the running batch, in MiB (default: 1024)")
-    parser.add_argument("--prefill-tokens", type=int, default=256,
-                        help="prompt tokens prefilled per step while other requests decode; a burst of new "
-                             "requests joins over several steps instead of stalling the running streams "
-                             "(the first waiting request always joins; default: 256)")
+    parser.add_argument("--prefill-tokens", type=int, default=2048,
+                        help="prompt tokens prefilled per step while other requests decode: lower it to shorten "
+                             "the gaps in running streams when many requests arrive at once, at the cost of their "
+                             "time to first token (the first waiting request always joins; default: 2048)")
     parser.add_argument("--batch-window-ms", type=float, default=10.0,
                         help="when idle, how long to wait for requests arriving together before the first "
                              "step (default: 10)")

@@ -7,8 +7,8 @@ Request handlers (asyncio) put jobs on a FIFO queue. One worker thread loops:
            (still waiting) until rows leave, so none overtakes it and none is dropped; when
            nothing runs, wait for a job, then ``batch_window_s`` for others arriving with it.
            While rows are decoding, the prompts taken in one step hold at most
-           ``prefill_tokens`` tokens (the first always joins): a burst of arrivals joins over
-           a few steps instead of stalling every running stream behind one long prefill
+           ``prefill_tokens`` tokens (the first always joins): with a small budget a burst of
+           arrivals joins over a few steps instead of stalling every running stream at once
     step:  under ``lock``: the taken jobs join (prefilled), every running row decodes one token,
            finished rows leave and their jobs are answered
 
@@ -30,12 +30,16 @@ from pathlib import Path
 
 from lorakit.errors import LorakitError
 from lorakit.inference.batched import GenerationRequest, result_of
-from lorakit.inference.continuous import DEFAULT_MAX_KV_BYTES, ContinuousBatcher
+from lorakit.inference.continuous import DEFAULT_MAX_KV_BYTES, PREFILL_TOKENS, ContinuousBatcher
 from lorakit.server.protocol import ApiError
 
-# Prompt tokens prefilled per step while other rows decode. On a 2-core CPU a 256-token prefill of
-# the built-in model costs about as much as 8 decode steps at 32 rows: the most a running stream waits.
-DEFAULT_PREFILL_TOKENS = 256
+# Prompt tokens prefilled per step while other rows decode (``lorakit serve --prefill-tokens``).
+# A smaller budget shortens the longest gap between a running stream's tokens and lengthens the
+# wait of a burst of new requests. Measured with benchmarks/serve_load.py (32 clients over 8
+# adapters, built-in model, 2-core CPU): a 256-token budget gave time-to-first-token p99 4.32 s
+# and inter-token p99 0.87 s, against 2.72 s and 0.60 s with 2048 (more steps each carrying a
+# prefill), so by default a step takes what one prefill forward does (continuous.PREFILL_TOKENS).
+DEFAULT_PREFILL_TOKENS = PREFILL_TOKENS
 
 
 class Job:
