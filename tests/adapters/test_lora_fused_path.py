@@ -93,3 +93,36 @@ def test_mixed_precision_step_over_bf16_base_keeps_fp32_master_gradients():
     reference.square().sum().backward()
     for mine, theirs in zip(grads, (A.grad, B.grad)):
         assert (mine - theirs).norm() <= 0.02 * theirs.norm()  # bf16 rounding, not a different gradient
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_fused_path_over_a_4bit_base_equals_the_unfused_layer(with_bias):
+    """QLoRA: one plain adapter over a Linear4bit computing in x's dtype (fp32) takes the fused
+    node (the base dequantized in forward and again in backward); value and the gradients of x,
+    A and B equal the unfused composition (bitsandbytes' 4-bit matmul + the adapter's linears).
+    A bf16-computing 4-bit base under fp32 activations keeps the unfused path."""
+    from lorakit.adapters.qlora.base import quantize_linear
+
+    def layer(compute):
+        torch.manual_seed(0)
+        base = quantize_linear(nn.Linear(64, 96, bias=with_bias), "nf4", compute, True)
+        wrapped = LoraLayer(base)
+        wrapped.add_adapter("default", r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False)
+        return wrapped.train()
+
+    fused_layer, plain_layer = layer(torch.float32), layer(torch.float32)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 5, 64, generator=g, requires_grad=True)
+    upstream = torch.randn(3, 5, 96, generator=g)
+    y, fused = _calls(fused_layer, x)
+    assert fused
+    (y * upstream).sum().backward()
+    ours = [x.grad.clone()] + [p.grad for p in (fused_layer.lora_A["default"].weight, fused_layer.lora_B["default"].weight)]
+    x.grad = None
+    reference = plain_layer.base_layer(x) + plain_layer.adapter_output("default", x)
+    (reference * upstream).sum().backward()
+    theirs = [x.grad, plain_layer.lora_A["default"].weight.grad, plain_layer.lora_B["default"].weight.grad]
+    torch.testing.assert_close(y, reference, atol=FP32_ATOL, rtol=1e-5)
+    for mine, expected in zip(ours, theirs):
+        torch.testing.assert_close(mine, expected, atol=FP32_ATOL, rtol=1e-5)
+    assert not _calls(layer(torch.bfloat16), x)[1]

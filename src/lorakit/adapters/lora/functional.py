@@ -83,3 +83,47 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     ``_LoraLinear``."""
     flat = x.reshape(-1, x.shape[-1])                                  # (N, in)
     return _LoraLinear.apply(flat, weight, bias, lora_A, lora_B, scaling).view(*x.shape[:-1], weight.shape[0])
+
+
+class _LoraLinear4bit(torch.autograd.Function):
+    """``_LoraLinear`` over a frozen 4-bit base (QLoRA): the same fused math, with W = deq(Q(W))
+    dequantized in forward and again in backward (as bitsandbytes' own 4-bit matmul does), never
+    kept between them; everything in x's dtype, which is the layer's compute dtype."""
+
+    @staticmethod
+    def forward(ctx, x, packed, bias, lora_A, lora_B, scaling: float, quant_state):
+        import bitsandbytes.functional as bnbF
+
+        A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+        h = x @ A.T                                                    # (N, r)
+        y = torch.nn.functional.linear(x, bnbF.dequantize_4bit(packed, quant_state).to(x.dtype), bias)
+        y.addmm_(h, B.T, alpha=scaling)                                # + s · h Bᵀ, in place
+        ctx.save_for_backward(x, A, B, h)
+        ctx.packed, ctx.quant_state = packed, quant_state              # frozen codes: no copy
+        ctx.scaling, ctx.master_dtype = scaling, lora_A.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        import bitsandbytes.functional as bnbF
+
+        x, A, B, h = ctx.saved_tensors
+        s = ctx.scaling
+        grad_h = (grad_y @ B).mul_(s)                                  # (N, r)
+        grad_B = (grad_y.T @ h).mul_(s).to(ctx.master_dtype)           # (out, r)
+        grad_A = (grad_h.T @ x).to(ctx.master_dtype)                   # (r, in)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            weight = bnbF.dequantize_4bit(ctx.packed, ctx.quant_state).to(grad_y.dtype)  # (out, in)
+            grad_x = (grad_y @ weight).addmm_(grad_h, A)               # (N, in)
+        return grad_x, None, None, grad_A, grad_B, None, None
+
+
+def lora_linear_4bit(x: torch.Tensor, base, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                     scaling: float) -> torch.Tensor:
+    """``lora_linear`` over a bitsandbytes ``Linear4bit`` base whose compute dtype is x's dtype:
+    ``base(x) + scaling · F.linear(F.linear(x, A), B)``, x (..., in) -> (..., out)."""
+    flat = x.reshape(-1, x.shape[-1])                                  # (N, in)
+    weight = base.weight
+    out = _LoraLinear4bit.apply(flat, weight.data, base.bias, lora_A, lora_B, scaling, weight.quant_state)
+    return out.view(*x.shape[:-1], weight.quant_state.shape[0])

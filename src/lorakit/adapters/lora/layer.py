@@ -20,7 +20,8 @@ from transformers.pytorch_utils import Conv1D
 
 from lorakit._quantized import dense_dtype, dense_linear, is_quantized
 from lorakit.adapters.dora.layer import DORA
-from lorakit.adapters.lora.functional import delta_weight, lora_linear, lora_scaling, merge_into, unmerge_from
+from lorakit.adapters.lora.functional import (delta_weight, lora_linear, lora_linear_4bit, lora_scaling, merge_into,
+                                              unmerge_from)
 from lorakit.adapters.lora.variants import PLAIN, LoraVariant, init_strategy
 from lorakit.errors import LorakitError
 
@@ -60,6 +61,20 @@ def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     """Adapters train in fp32 over a half-precision base (fp64 stays fp64 for exact tests)."""
     return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
 
+
+
+def _compute_dtype(base: nn.Module) -> torch.dtype | None:
+    """The dtype a frozen base computes in when the fused LoRA functions can take it: an nn.Linear's
+    weight dtype, or a bitsandbytes 4-bit layer's compute dtype (its canonical layout, a bias in
+    that dtype or none); None for any other base (int8, Conv1D, repacked 4-bit), which runs unfused."""
+    if type(base) is nn.Linear:
+        return base.weight.dtype
+    state = getattr(base.weight, "quant_state", None)
+    if type(base).__name__ != "Linear4bit" or state is None or getattr(state, "packing_format_for_cpu", False):
+        return None
+    if base.compute_dtype is None or (base.bias is not None and base.bias.dtype != base.compute_dtype):
+        return None
+    return base.compute_dtype
 
 class LoraLayer(nn.Module):
     """Wraps ``base_layer`` and adds named LoRA adapters; see module docstring for the math."""
@@ -144,7 +159,8 @@ class LoraLayer(nn.Module):
 
     def _single_plain_adapter(self, x: torch.Tensor, args, kwargs) -> str | None:
         """The adapter name when this forward is one plain LoRA adapter (no dropout, no DoRA) over
-        a frozen nn.Linear in x's dtype: the case ``lora_linear`` fuses. Adapters in another dtype
+        a frozen nn.Linear in x's dtype, or a frozen 4-bit base computing in x's dtype: the case
+        ``lora_linear`` (``lora_linear_4bit``) fuses. Adapters in another dtype
         than x (fp32 over a bf16 base) qualify only in a training step (mixed precision: the
         product in bf16, fp32 master weights); evaluation and generation keep the fp32 product."""
         if args or kwargs or self.disable_adapters or self.mixed_batch is not None:
@@ -157,9 +173,9 @@ class LoraLayer(nn.Module):
         if len(names) != 1 or not self.variants[names[0]].fusable:
             return None
         name, base = names[0], self.base_layer
-        if type(base) is not nn.Linear or base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+        if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
             return None
-        if not isinstance(self.lora_dropout[name], nn.Identity) or x.dtype != base.weight.dtype:
+        if not isinstance(self.lora_dropout[name], nn.Identity) or x.dtype != _compute_dtype(base):
             return None
         same_dtype = self.lora_A[name].weight.dtype == x.dtype
         return name if same_dtype or (self.training and torch.is_grad_enabled()) else None
@@ -167,8 +183,10 @@ class LoraLayer(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         name = self._single_plain_adapter(x, args, kwargs)
         if name is not None:  # the common training case, fused (same math as the loop below)
-            return lora_linear(x, self.base_layer.weight, self.base_layer.bias, self.lora_A[name].weight,
-                               self.lora_B[name].weight, self.scaling[name])
+            A, B, s = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+            if type(self.base_layer) is not nn.Linear:  # a 4-bit base (QLoRA)
+                return lora_linear_4bit(x, self.base_layer, A, B, s)
+            return lora_linear(x, self.base_layer.weight, self.base_layer.bias, A, B, s)
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters:
             check_disable_allowed(self)
