@@ -166,3 +166,19 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("lorakit server reliability")
         for line in REPORT:
             terminalreporter.write_line(line)
+
+
+@pytest.fixture(scope="module")
+def budget_engine(smol_tokenizer, tmp_path_factory):
+    """A generation engine (no HTTP) over a tiny random model and two adapters that prefills at
+    most 12 prompt tokens per step while rows decode (tests/server/test_prefill_budget.py)."""
+    from lorakit.inference.multi_adapter import MultiAdapterModel
+    from lorakit.server.engine import BatchingEngine
+
+    base = tmp_path_factory.mktemp("budget")
+    model_dir = _tiny_model_dir(smol_tokenizer, base / "model")
+    dirs = _save_random_adapters(model_dir, base, TINY_FIXED[:2], {})
+    multi = MultiAdapterModel.from_pretrained(str(model_dir), {n: str(dirs[n]) for n in TINY_FIXED[:2]})
+    engine = BatchingEngine(multi, multi.tokenizer, max_batch=8, prefill_tokens=12)
+    yield engine
+    engine.close()

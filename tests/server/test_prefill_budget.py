@@ -6,25 +6,10 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-from conftest import _save_random_adapters, _tiny_model_dir
 from server_setup import TINY_FIXED
 from test_continuous_batching import _alone
 
 from lorakit.inference.batched import GenerationRequest
-from lorakit.inference.multi_adapter import MultiAdapterModel
-from lorakit.server.engine import BatchingEngine
-
-
-@pytest.fixture(scope="module")
-def engine(smol_tokenizer, tmp_path_factory):
-    base = tmp_path_factory.mktemp("budget")
-    model_dir = _tiny_model_dir(smol_tokenizer, base / "model")
-    dirs = _save_random_adapters(model_dir, base, TINY_FIXED[:2], {})
-    multi = MultiAdapterModel.from_pretrained(str(model_dir), {n: str(dirs[n]) for n in TINY_FIXED[:2]})
-    engine = BatchingEngine(multi, multi.tokenizer, max_batch=8, prefill_tokens=12)
-    yield engine
-    engine.close()
 
 
 async def _answer(job) -> str:
@@ -48,7 +33,8 @@ async def _burst_beside_a_long_answer(engine, prompts):
     return jobs, texts
 
 
-def test_a_burst_joins_over_several_steps_within_the_budget_and_answers_are_unchanged(engine):
+def test_a_burst_joins_over_several_steps_within_the_budget_and_answers_are_unchanged(budget_engine):
+    engine = budget_engine
     prompts = [f"The number {i} is bigger than" for i in range(6)]  # 6 tokens or more each
     jobs, texts = asyncio.run(_burst_beside_a_long_answer(engine, prompts))
     started = [job.started_step for job in jobs]
