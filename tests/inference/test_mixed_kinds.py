@@ -136,3 +136,19 @@ def test_rows_sharing_few_adapters_side_by_side_equal_each_alone(multi, rows):
         mixed = multi(input_ids=ids, adapter_names=rows).logits
     for b, name in enumerate(rows):
         torch.testing.assert_close(mixed[b:b + 1], _alone(multi, ids[b:b + 1], name), atol=FP32_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("rows", [["dora", "dora", "rslora", "rslora", "rslora", None, "ada", "mts", "mts"],
+                                  [None, None, "pissa", "pissa"]])
+def test_rows_grouped_by_adapter_equal_each_alone(multi, rows, monkeypatch):
+    """Few rows per adapter but some adapters on several rows take the grouped form (each slot's
+    rows side by side in a grid, every adapter read once, padding places never read)."""
+    made = []
+    groups = mixed_module._groups
+    monkeypatch.setattr(mixed_module, "_groups", lambda ids, slots: made.append(len(slots)) or groups(ids, slots))
+    ids = sample_input_ids(batch=len(rows), length=5, seed=4)
+    with torch.no_grad():
+        mixed = multi(input_ids=ids, adapter_names=rows).logits
+    assert made and max(made) < len(rows)
+    for b, name in enumerate(rows):
+        torch.testing.assert_close(mixed[b:b + 1], _alone(multi, ids[b:b + 1], name), atol=FP32_ATOL, rtol=0)

@@ -192,21 +192,30 @@ _SIDE_BY_SIDE_MIN_ROWS_PER_ADAPTER = 8
 
 class _RowLora:
     """The per-layer callable an adapter layer's forward delegates to inside ``mixed_adapters``.
-    Prepared once per row set (never per step), in one of two exact forms:
+    Prepared once per row set (never per step), in one of three exact forms:
 
     side by side, when the B rows use few adapters U (B >= 8 U): each adapter in use read once,
 
         A_u: (in, U·r)   B_u: (U·r, out)   M: (B, 1, U·r), 1 on the block of row b's adapter
         h = (x A_u) ⊙ M      (B, T, U·r): each row keeps its own adapter's r columns
 
-    per row, otherwise: A: (B, in, r), B: (B, r, out) gathered, h = x A (B, T, r) by bmm. Then
+    grouped, when fewer rows per adapter but some adapter on several rows: the S slots in use
+    (the base's zero adapter included) each get a row of a grid of G places (G = most rows of one
+    slot; a shorter slot repeats its first row there, computed and never read),
+
+        X: (S, G·T, in) gathered rows   A_s: (S, in, r)   B_s: (S, r, out)
+        h B = ((X A_s) B_s)[position of row b]     (B, T, out): each adapter read once, r columns
+
+    per row, when every row has its own adapter: A: (B, in, r), B: (B, r, out) gathered, h = x A
+    (B, T, r) by bmm. Then
 
         plain rows:  y = result + h B
         DoRA rows:   y = bias + g_b ⊙ (result - bias + h B)   (g = 1 for non-DoRA rows)
 
     A decode step reads the weights of a layer once; per-row copies of the same adapter would
     read it once per row (at 32 rows over 8 adapters of rank 16 on SmolLM2's q, k, v, up and down
-    that is 4x the adapter bytes, ~0.8x the base weights, per step)."""
+    that is 4x the adapter bytes, ~0.8x the base weights, per step). Measured at 32 rows over 8
+    adapters (bf16 base, 2-core AVX-512 host): per row 105.8 ms per decode step, grouped 95.5 ms."""
 
     def __init__(self, stack: LayerStack, rows: RowIds):
         self.stack, self.rows = stack, rows
@@ -218,8 +227,13 @@ class _RowLora:
             ids, stack = _row_ids_for(self.rows.ids, batch), self.stack
             used = ids[ids != BASE_SLOT].unique()  # (U,) sorted
             g = stack.G_t.index_select(0, ids).unsqueeze(1) if stack.G_t is not None else None
-            if used.numel() * _SIDE_BY_SIDE_MIN_ROWS_PER_ADAPTER > batch:  # per row
-                self._gathered = (key, stack.A_t.index_select(0, ids), stack.B_t.index_select(0, ids), None, g)
+            if used.numel() * _SIDE_BY_SIDE_MIN_ROWS_PER_ADAPTER > batch:
+                slots = ids.unique()  # (S,) every slot in use, the base's zero adapter included
+                if slots.numel() < batch:  # grouped: rows of one adapter side by side, each adapter read once
+                    self._gathered = (key, stack.A_t.index_select(0, slots), stack.B_t.index_select(0, slots),
+                                      _groups(ids, slots), g)
+                else:  # per row: every row its own adapter
+                    self._gathered = (key, stack.A_t.index_select(0, ids), stack.B_t.index_select(0, ids), None, g)
                 return self._gathered[1:]
             in_features, r = stack.A_t.shape[1], stack.A_t.shape[2]
             A = stack.A_t.index_select(0, used).permute(1, 0, 2).reshape(in_features, -1)  # (in, U·r)
@@ -236,6 +250,11 @@ class _RowLora:
             return result
         batch = x.shape[0]
         A, B, mask, g = self._row_weights(batch)
+        if isinstance(mask, _Groups):  # grouped: (S, G·T, in) -> (S, G·T, out) -> each row's (B, T, out)
+            xs = x.reshape(batch, -1, x.shape[-1]).to(A.dtype)  # (B, T, in)
+            grid = xs.index_select(0, mask.members).view(A.shape[0], -1, xs.shape[-1])  # (S, G·T, in)
+            update = torch.bmm(torch.bmm(grid, A), B).view(-1, xs.shape[1], B.shape[2]).index_select(0, mask.position)
+            return self._combine(result, update, g)
         if A.dim() == 3:  # per row
             h = torch.bmm(x.reshape(batch, -1, x.shape[-1]).to(A.dtype), A)  # (B, T, r)
         else:  # side by side
@@ -251,6 +270,37 @@ class _RowLora:
         z = _add_product(rows.to(B.dtype) if bias is None else rows.to(B.dtype) - bias, h, B)  # (B, T, out)
         y = z.mul_(g) if bias is None else torch.addcmul(bias.to(z.dtype), z, g)
         return y.reshape(result.shape).to(result.dtype)
+
+    def _combine(self, result: torch.Tensor, update: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
+        """The forms' last line with the low-rank update h B (B, T, out) already computed."""
+        rows = result.reshape(update.shape)
+        if g is None:
+            if result.dtype == update.dtype:
+                return (rows + update).reshape(result.shape)
+            return result + update.reshape(result.shape).to(result.dtype)
+        bias = self.stack.bias
+        z = (rows.to(update.dtype) if bias is None else rows.to(update.dtype) - bias) + update  # (B, T, out)
+        y = z.mul_(g) if bias is None else torch.addcmul(bias.to(z.dtype), z, g)
+        return y.reshape(result.shape).to(result.dtype)
+
+
+class _Groups:
+    """The grouped form's row layout: ``members`` (S·G,) the row in each of S slots' G places
+    (a slot with fewer rows repeats its first row; those places are computed and never read),
+    ``position`` (B,) where row b's output lies in that (S·G) layout."""
+
+    def __init__(self, members: torch.Tensor, position: torch.Tensor):
+        self.members, self.position = members, position
+
+
+def _groups(ids: torch.Tensor, slots: torch.Tensor) -> _Groups:
+    rows = [torch.nonzero(ids == slot).flatten() for slot in slots]  # each slot's rows, in order
+    width = max(len(r) for r in rows)
+    members = torch.cat([torch.cat([r, r[:1].expand(width - len(r))]) for r in rows])  # (S·G,)
+    position = torch.empty_like(ids)
+    for s, r in enumerate(rows):
+        position[r] = s * width + torch.arange(len(r), device=ids.device)
+    return _Groups(members, position)
 
 
 def _product(h: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
