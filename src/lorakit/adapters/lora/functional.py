@@ -38,6 +38,15 @@ def unmerge_from(weight: torch.Tensor, delta: torch.Tensor) -> None:
     weight.data.copy_((weight.data.float() - delta.float()).to(weight.dtype))
 
 
+def _adapter_grads(grad_y, x, A, B, h, s: float, master_dtype):
+    """(∂L/∂h (N, r), ∂L/∂A (r, in), ∂L/∂B (out, r)) of the low-rank term s · (x Aᵀ) Bᵀ, the
+    factors' gradients in their master dtype; see ``_LoraLinear``."""
+    grad_h = (grad_y @ B).mul_(s)                                      # (N, r)
+    grad_B = (grad_y.T @ h).mul_(s).to(master_dtype)                   # (out, r)
+    grad_A = (grad_h.T @ x).to(master_dtype)                           # (r, in)
+    return grad_h, grad_A, grad_B
+
+
 class _LoraLinear(torch.autograd.Function):
     """y = x Wᵀ + b + s · (x Aᵀ) Bᵀ for a frozen W, with hand-written gradients.
 
@@ -66,10 +75,7 @@ class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, A, B, h = ctx.saved_tensors
-        s = ctx.scaling
-        grad_h = (grad_y @ B).mul_(s)                                  # (N, r)
-        grad_B = (grad_y.T @ h).mul_(s).to(ctx.master_dtype)           # (out, r)
-        grad_A = (grad_h.T @ x).to(ctx.master_dtype)                   # (r, in)
+        grad_h, grad_A, grad_B = _adapter_grads(grad_y, x, A, B, h, ctx.scaling, ctx.master_dtype)
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = (grad_y @ weight).addmm_(grad_h, A)               # (N, in)
@@ -108,10 +114,7 @@ class _LoraLinear4bit(torch.autograd.Function):
         import bitsandbytes.functional as bnbF
 
         x, A, B, h = ctx.saved_tensors
-        s = ctx.scaling
-        grad_h = (grad_y @ B).mul_(s)                                  # (N, r)
-        grad_B = (grad_y.T @ h).mul_(s).to(ctx.master_dtype)           # (out, r)
-        grad_A = (grad_h.T @ x).to(ctx.master_dtype)                   # (r, in)
+        grad_h, grad_A, grad_B = _adapter_grads(grad_y, x, A, B, h, ctx.scaling, ctx.master_dtype)
         grad_x = None
         if ctx.needs_input_grad[0]:
             weight = bnbF.dequantize_4bit(ctx.packed, ctx.quant_state).to(grad_y.dtype)  # (out, in)
