@@ -254,32 +254,26 @@ class _RowLora:
             xs = x.reshape(batch, -1, x.shape[-1]).to(A.dtype)  # (B, T, in)
             grid = xs.index_select(0, mask.members).view(A.shape[0], -1, xs.shape[-1])  # (S, G·T, in)
             update = torch.bmm(torch.bmm(grid, A), B).view(-1, xs.shape[1], B.shape[2]).index_select(0, mask.position)
-            return self._combine(result, update, g)
+            return self._combine(result, g, lambda base: update if base is None else base + update)
         if A.dim() == 3:  # per row
             h = torch.bmm(x.reshape(batch, -1, x.shape[-1]).to(A.dtype), A)  # (B, T, r)
         else:  # side by side
             h = (x.reshape(-1, x.shape[-1]).to(A.dtype) @ A).view(batch, -1, A.shape[1])  # (B, T, U·r)
             if mask is not None:
                 h = h * mask
-        rows = result.reshape(batch, -1, result.shape[-1])  # (B, T, out)
-        if g is None:
-            if result.dtype == B.dtype:
-                return _add_product(rows, h, B).reshape(result.shape)
-            return result + _product(h, B).reshape(result.shape).to(result.dtype)  # the adapter's dtype, then the base's
-        bias = self.stack.bias
-        z = _add_product(rows.to(B.dtype) if bias is None else rows.to(B.dtype) - bias, h, B)  # (B, T, out)
-        y = z.mul_(g) if bias is None else torch.addcmul(bias.to(z.dtype), z, g)
-        return y.reshape(result.shape).to(result.dtype)
+        return self._combine(result, g, lambda base: _product(h, B) if base is None else _add_product(base, h, B))
 
-    def _combine(self, result: torch.Tensor, update: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
-        """The forms' last line with the low-rank update h B (B, T, out) already computed."""
-        rows = result.reshape(update.shape)
+    def _combine(self, result: torch.Tensor, g: torch.Tensor | None, plus_update) -> torch.Tensor:
+        """y from the base's ``result`` (module docstring's last lines); ``plus_update(base)``:
+        base + h B (B, T, out) as a new tensor in the adapters' dtype, h B alone for None."""
+        batch, out = result.shape[0], result.shape[-1]
+        rows = result.reshape(batch, -1, out)  # (B, T, out)
         if g is None:
-            if result.dtype == update.dtype:
-                return (rows + update).reshape(result.shape)
-            return result + update.reshape(result.shape).to(result.dtype)
+            if result.dtype == self.stack.B_t.dtype:
+                return plus_update(rows).reshape(result.shape)
+            return result + plus_update(None).reshape(result.shape).to(result.dtype)  # adapter dtype, then base's
         bias = self.stack.bias
-        z = (rows.to(update.dtype) if bias is None else rows.to(update.dtype) - bias) + update  # (B, T, out)
+        z = plus_update(rows.to(self.stack.B_t.dtype) if bias is None else rows.to(self.stack.B_t.dtype) - bias)
         y = z.mul_(g) if bias is None else torch.addcmul(bias.to(z.dtype), z, g)
         return y.reshape(result.shape).to(result.dtype)
 

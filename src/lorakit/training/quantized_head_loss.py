@@ -56,10 +56,9 @@ def _slices(vocab: int, slice_rows: int) -> list[slice]:
     return [slice(start, min(start + slice_rows, vocab)) for start in range(0, vocab, slice_rows)]
 
 
-def _head_slices(head, slice_rows: int):
-    """(vocabulary slice, dense W_s (|s|, H) in the compute dtype, b_s or None) for every slice."""
-    absmax = block_absmax(head.weight.quant_state)  # (V·H/64,) fp32, un-nested once for every slice
-    compute = head.compute_dtype or head.weight.quant_state.dtype
+def _head_slices(head, slice_rows: int, absmax: torch.Tensor, compute: torch.dtype):
+    """(vocabulary slice, dense W_s (|s|, H) in ``compute``, b_s or None) for every slice;
+    ``absmax``: the head's un-nested block absmax (``block_absmax``), made once per call."""
     for part in _slices(head.weight.quant_state.shape[0], slice_rows):
         weight = dequantize_rows(head.weight, part, absmax).to(compute)
         yield part, weight, None if head.bias is None else head.bias[part].to(compute)
@@ -69,14 +68,15 @@ def _loss_and_grad(hidden, head, targets, chunk_rows: int, slice_rows: int, need
     """(loss sum (fp32 scalar), ∂loss/∂hidden (N, H) or None)."""
     vocab, width = head.weight.quant_state.shape
     compute = head.compute_dtype or head.weight.quant_state.dtype
-    kept = list(_head_slices(head, slice_rows)) if vocab * width <= DENSE_HEAD_ELEMENTS else None
+    absmax = block_absmax(head.weight.quant_state)  # (V·H/64,) fp32, for every slice of every pass
+    kept = list(_head_slices(head, slice_rows, absmax, compute)) if vocab * width <= DENSE_HEAD_ELEMENTS else None
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     grad_hidden = torch.empty_like(hidden) if need_grad else None
     for start in range(0, hidden.shape[0], chunk_rows):
         h = hidden[start: start + chunk_rows].to(compute)                      # (C, H)
         t = targets[start: start + chunk_rows]                                 # (C,)
         logits = torch.empty(h.shape[0], vocab, dtype=torch.float32, device=h.device)  # (C, V)
-        for part, weight, bias in kept or _head_slices(head, slice_rows):
+        for part, weight, bias in kept or _head_slices(head, slice_rows, absmax, compute):
             logits[:, part] = torch.nn.functional.linear(h, weight, bias)
         lse = torch.logsumexp(logits, dim=-1)                                  # (C,)
         total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
@@ -85,7 +85,7 @@ def _loss_and_grad(hidden, head, targets, chunk_rows: int, slice_rows: int, need
         grad = logits.sub_(lse[:, None]).exp_()                                # softmax, in place
         grad[torch.arange(len(t), device=grad.device), t] -= 1.0               # - onehot(t)
         chunk_grad = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
-        for part, weight, _ in kept or _head_slices(head, slice_rows):
+        for part, weight, _ in kept or _head_slices(head, slice_rows, absmax, compute):
             chunk_grad += (grad[:, part].to(compute) @ weight).float()         # (C, H), summed in fp32
         grad_hidden[start: start + chunk_rows] = chunk_grad.to(hidden.dtype)
     return total, grad_hidden

@@ -62,18 +62,21 @@ def quantize_linear(module: nn.Module, quantization: str = "nf4", compute_dtype=
     ``consume``: quantize the module's own weight tensor instead of a copy of it (the caller
     discards the dense module: a streaming load saves one dense copy of every weight)."""
     bnb = _bnb()
-    if quantization in ("nf4", "fp4") and is_prequantized(module.weight):  # quantized as it streamed in
-        return _linear4bit_around(module.weight, module.bias, compute_dtype)
-    weight, bias = _linear_weight_and_bias(module)
-    if not consume:
-        weight = weight.clone()
-    out_features, in_features = weight.shape
+    prequantized = quantization in ("nf4", "fp4") and is_prequantized(module.weight)  # quantized as it streamed in
+    if prequantized:
+        weight, bias = module.weight, None if module.bias is None else module.bias.detach()
+        out_features, in_features = weight.quant_state.shape
+    else:
+        weight, bias = _linear_weight_and_bias(module)
+        if not consume:
+            weight = weight.clone()
+        out_features, in_features = weight.shape
     device = weight.device
     if quantization in ("nf4", "fp4"):
         layer = bnb.nn.Linear4bit(in_features, out_features, bias=bias is not None, compute_dtype=compute_dtype,
                                   compress_statistics=double_quant, quant_type=quantization, device="meta")
-        layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=double_quant,
-                                         quant_type=quantization)
+        layer.weight = weight if prequantized else bnb.nn.Params4bit(
+            weight, requires_grad=False, compress_statistics=double_quant, quant_type=quantization)
     elif quantization == "int8":
         layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=bias is not None, has_fp16_weights=False,
                                     threshold=6.0, device="meta")
@@ -88,23 +91,10 @@ def quantize_linear(module: nn.Module, quantization: str = "nf4", compute_dtype=
     # Keep the one canonical layout.
     layer.support_avx512bf16_for_cpu = False
     try:
-        layer = layer.to(device)  # bitsandbytes quantizes when the weight is moved to a device
+        layer = layer.to(device)  # bitsandbytes quantizes when the weight is moved to a device (once)
     except (RuntimeError, NotImplementedError) as err:
         raise LorakitError(f"bitsandbytes cannot run {quantization} on {device} here "
                            f"({str(err).splitlines()[0]}); use another quantization or device") from None
-    return layer
-
-
-def _linear4bit_around(weight, bias, compute_dtype) -> nn.Module:
-    """A bitsandbytes Linear4bit whose weight is the already quantized ``weight`` (a Params4bit)."""
-    out_features, in_features = weight.quant_state.shape
-    layer = _bnb().nn.Linear4bit(in_features, out_features, bias=bias is not None, compute_dtype=compute_dtype,
-                                 compress_statistics=weight.compress_statistics, quant_type=weight.quant_type,
-                                 device="meta")
-    layer.weight = weight
-    if bias is not None:
-        layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
-    layer.support_avx512bf16_for_cpu = False  # see quantize_linear
     return layer
 
 
