@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_batched_generate import _Tokens
-from test_mixed_kinds import _save_kinds
+from test_mixed_kinds import mixed_kinds_model
 from tiny_models import tiny_model
 
 from lorakit.inference import MultiAdapterModel
@@ -17,10 +17,7 @@ from lorakit.inference.continuous import ContinuousBatcher
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
 def multi(request, tmp_path_factory):
-    dirs = _save_kinds(request.param, tmp_path_factory.mktemp(request.param))
-    multi = MultiAdapterModel(tiny_model(request.param))
-    for name, directory in dirs.items():
-        multi.add_adapter(name, directory)
+    multi = mixed_kinds_model(request.param, tmp_path_factory.mktemp(request.param))
     multi.model.generation_config.eos_token_id = None
     return multi
 

@@ -61,13 +61,17 @@ def _save_kinds(arch, root) -> dict:
     return dirs
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2"])
-def multi(request, tmp_path_factory):
-    dirs = _save_kinds(request.param, tmp_path_factory.mktemp(request.param))
-    multi = MultiAdapterModel(tiny_model(request.param))
-    for name, directory in dirs.items():
+def mixed_kinds_model(arch: str, root) -> MultiAdapterModel:
+    """A tiny ``arch`` model with every adapter kind of ``_save_kinds`` loaded."""
+    multi = MultiAdapterModel(tiny_model(arch))
+    for name, directory in _save_kinds(arch, root).items():
         multi.add_adapter(name, directory)
     return multi
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def multi(request, tmp_path_factory):
+    return mixed_kinds_model(request.param, tmp_path_factory.mktemp(request.param))
 
 
 ROWS = ["dora", "lora", "mts", None, "ada", "rslora", "pissa", "dora", "mts"]
