@@ -2,6 +2,7 @@
 
     python benchmarks/serve_load.py [--clients 1 8 32 128] [--requests-per-client 4] [--max-tokens 64]
     python benchmarks/serve_load.py --tiny --clients 2 --requests-per-client 2 --max-tokens 8   # smoke run
+    python benchmarks/serve_load.py --decode-only        # the decode roofline alone (no servers)
 
 The base model (the built-in SmolLM2-135M-Instruct; ``--tiny``: a 2-layer random Llama with its
 tokenizer) carries 8 random adapters of mixed kinds: LoRA r8 and r16, rsLoRA, DoRA r8 and r16,
@@ -25,10 +26,12 @@ streams), and with ``--check`` requests whose greedy answer differs from that ad
 Decode roofline (in this process): the host's memory bandwidth from a large copy (bytes read +
 written / time, best of 5), and lorakit's decode tokens/s at ``--decode-rows`` rows (in the dtype
 ``lorakit serve --dtype auto`` picks on this host) against the bandwidth limit rows x bandwidth /
-(bytes of weights read per step), and against the compute limit: the base's 2 x parameters FLOPs
-per token at this host's measured rate for the decode step's matmul ((rows, hidden) @ (hidden,
-intermediate), best of 20). At 32 rows on a 2-core CPU the compute limit is the lower one: a
-decode step there is bound by matmul work, not by reading the weights.
+(bytes of weights read per step), and against the compute limit: the base's matrix products
+alone, each shape at this host's best measured time ((rows, in) x (in, out), weight hot in
+cache, the faster of F.linear and oneDNN's prepacked linear, best of 20), with no attention,
+norms, adapters or sampling: an upper bound on decode tokens/s. At 32 rows on a 2-core CPU the
+compute limit is the lower one: a decode step there is bound by matmul work, not by reading
+the weights, and the benchmark prints how far the bandwidth limit lies beyond it.
 """
 
 from __future__ import annotations
@@ -147,16 +150,55 @@ def weight_bytes(model) -> int:
     return total
 
 
-def matmul_rate(rows: int, in_features: int, out_features: int, dtype: torch.dtype) -> float:
-    """FLOP/s of the decode step's typical matmul on this host, best of 20: (rows, in) @ (in, out)."""
-    x = torch.randn(rows, in_features).to(dtype)
-    weight = torch.randn(in_features, out_features).to(dtype)
+def _linear_seconds(rows: int, in_features: int, out_features: int, dtype: torch.dtype) -> float:
+    """This host's best time for one (rows, in) x (in, out) product, its weight hot in cache: the
+    faster of ``F.linear`` (what the model runs) and oneDNN's prepacked linear where the build has
+    it (a kernel lorakit does not use: the bound holds for either), best of 20 each."""
+    import torch.nn.functional as F
+
+    x, weight = torch.randn(rows, in_features).to(dtype), torch.randn(out_features, in_features).to(dtype)
+    calls = [lambda: F.linear(x, weight)]
+    if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+        calls.append(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""))
     best = float("inf")
-    for _ in range(20):
-        start = time.perf_counter()
-        x @ weight
-        best = min(best, time.perf_counter() - start)
-    return 2 * rows * in_features * out_features / best
+    for call in calls:
+        call()
+        for _ in range(20):
+            start = time.perf_counter()
+            call()
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
+def base_matmul_shapes(model) -> dict[tuple[int, int], int]:
+    """(in, out) -> count of the base model's matrix products per token: every nn.Linear and
+    GPT-2 Conv1D outside the adapters (tied weights once per use: the head is a product even when
+    its weight is the embedding's)."""
+    from transformers.pytorch_utils import Conv1D
+
+    shapes: dict[tuple[int, int], int] = {}
+    for name, module in model.named_modules():
+        if "lora_" in name or "modules_to_save" in name:
+            continue
+        if isinstance(module, torch.nn.Linear):
+            shape = (module.in_features, module.out_features)
+        elif isinstance(module, Conv1D):
+            shape = tuple(module.weight.shape)
+        else:
+            continue
+        shapes[shape] = shapes.get(shape, 0) + 1
+    return shapes
+
+
+def matmul_ceiling(model, rows: int, dtype: torch.dtype) -> tuple[float, float]:
+    """(tokens/s, FLOP/s): an upper bound on decode at ``rows`` rows on this host, from the base's
+    matrix products alone, each at this host's best measured time for its shape (weights hot in
+    cache, no attention, norms, adapters or sampling counted)."""
+    shapes = base_matmul_shapes(model)
+    seconds = sum(count * _linear_seconds(rows, i, o, dtype) for (i, o), count in shapes.items())
+    flops = sum(count * 2 * rows * i * o for (i, o), count in shapes.items())
+    return rows / seconds, flops / seconds
 
 
 def _decode_tokens_per_s(multi, rows: int, adapters: list[str | None], steps: int = 16) -> float:
@@ -179,8 +221,8 @@ def _decode_tokens_per_s(multi, rows: int, adapters: list[str | None], steps: in
 def decode_roofline(model_dir: str, dirs: dict[str, str], rows: int, bandwidth: float) -> dict:
     """lorakit's steady decode tokens/s at ``rows`` rows over the 8 adapters (and with every row on
     the base), in the dtype ``lorakit serve`` picks here (--dtype auto), against two limits:
-    bandwidth (rows x bandwidth / bytes of weights read per step) and compute (the base's matmul
-    FLOPs per token, 2 x its parameters, at this host's rate for the decode step's matmul shape)."""
+    bandwidth (rows x bandwidth / bytes of weights read per step) and compute (``matmul_ceiling``:
+    the base's matrix products alone, each at this host's best time for its shape)."""
     from lorakit.inference import MultiAdapterModel
     from lorakit.server.run import serving_dtype
 
@@ -190,11 +232,7 @@ def decode_roofline(model_dir: str, dirs: dict[str, str], rows: int, bandwidth: 
     base_only = _decode_tokens_per_s(multi, rows, [None])
     weights = weight_bytes(multi.model)
     limit = rows * bandwidth / weights
-    config = multi.model.config
-    base_params = sum(p.numel() for p in {p.data_ptr(): p for n, p in multi.model.named_parameters()
-                                           if "lora_" not in n and "modules_to_save" not in n}.values())
-    rate = matmul_rate(rows, config.hidden_size, config.intermediate_size, getattr(torch, dtype))
-    compute_limit = rate / (2 * base_params)
+    compute_limit, rate = matmul_ceiling(multi.model, rows, getattr(torch, dtype))
     return {"rows": rows, "dtype": dtype, "tokens_per_s": measured, "base_only_tokens_per_s": base_only,
             "limit_tokens_per_s": limit, "fraction": measured / limit, "weight_bytes": weights,
             "matmul_flops_per_s": rate, "compute_limit_tokens_per_s": compute_limit,
@@ -352,6 +390,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tiny", action="store_true", help="a tiny random model (smoke runs)")
     sides = ["lorakit", "static", "peer"]
     parser.add_argument("--sides", nargs="+", choices=sides, default=sides)
+    parser.add_argument("--decode-only", action="store_true", help="only the decode roofline, no servers")
     parser.add_argument("--check", action="store_true", help="compare lorakit's answers with each adapter alone")
     parser.add_argument("--serve", choices=["lorakit", "static", "peer"], help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -381,10 +420,12 @@ def main(argv=None) -> int:
           f"the 8 adapters, {roofline['base_only_tokens_per_s']:.1f} with every row on the base\n"
           f"  bandwidth limit {roofline['limit_tokens_per_s']:.1f} tokens/s ({roofline['weight_bytes'] / 2**20:.0f} MiB "
           f"of weights per step) -> {100 * roofline['fraction']:.1f}% of it\n"
-          f"  compute limit {roofline['compute_limit_tokens_per_s']:.1f} tokens/s (decode matmul at "
-          f"{roofline['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s here) -> {100 * roofline['compute_fraction']:.1f}% of it; "
+          f"  compute limit {roofline['compute_limit_tokens_per_s']:.1f} tokens/s (the base's matmuls alone, each at its "
+          f"best time here: {roofline['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s) -> {100 * roofline['compute_fraction']:.1f}% of it; "
           f"the compute limit is {100 * roofline['compute_limit_tokens_per_s'] / roofline['limit_tokens_per_s']:.0f}% "
           f"of the bandwidth limit")
+    if args.decode_only:
+        return 0
 
     print(f"\n{'side':8} {'N':>4} {'sent':>5} {'done':>5} {'lost':>4} {'tok/s':>9} {'ttft50':>8} {'ttft99':>8} "
           f"{'itl50ms':>8} {'itl99ms':>8}")
