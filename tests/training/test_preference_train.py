@@ -42,120 +42,115 @@ def _config(model_dir, tmp_path, name, method="lora", lora=None, objective="dpo"
                                      "output_dir": str(tmp_path / name)})
 
 
-def _trl_rows(samples):
-    """lorakit's tokenized pairs as TRL's prompt_ids / chosen_ids / rejected_ids. TRL scores every
-    token after the prompt, lorakit the labelled ones (the template's trailing newline is not): the
-    tokens after the last label cannot change earlier log-probs of a causal LM, so they are cut."""
-    def split(ids, labels):
-        marked = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
-        return ids[: marked[0]], ids[marked[0]: marked[-1] + 1]
+PEFT_LORA = {"r": 4, "lora_alpha": 8, "target_modules": TARGETS, "lora_dropout": 0.0}
 
+
+def _ours_and_start(config):
+    """lorakit's run of ``config``, and the adapter it started from (the same seed before
+    injection as in the run), the tokenizer and lorakit's tokenized samples."""
+    from accelerate.utils import set_seed
+    from transformers import AutoTokenizer
+
+    ours = train(config, progress=False)
+    base = loop.load_base(config, precision="fp32")[0]
+    set_seed(config.train.seed)
+    start = loop.inject_adapters(base, config, 10)
+    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    samples, _, _ = build_datasets(config.data, tokenizer)
+    return ours, start, tokenizer, samples
+
+
+def _trl_args(tmp_path) -> dict:
+    """The TRL trainer arguments that match ``_config(..., max_steps=10, batch_size=6)``."""
+    return dict(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, per_device_train_batch_size=6,
+                max_steps=10, learning_rate=1e-2, lr_scheduler_type="constant", optim="adamw_torch",
+                max_grad_norm=1.0, weight_decay=0.0, save_strategy="no", logging_steps=1, seed=5, bf16=False)
+
+
+def _trl_losses(trainer, rows, start) -> list[float]:
+    """Train a TRL trainer on lorakit's tokens (``rows``: TRL tokenizes text rows its own way)
+    from lorakit's starting adapter; its loss at every step. It must learn."""
+    from datasets import Dataset
+
+    trainer.train_dataset = Dataset.from_list(rows)
+    same_adapter(trainer, start)
+    losses, compute_loss = [], trainer.compute_loss
+
+    def recording(*a, **kw):
+        loss = compute_loss(*a, **kw)
+        losses.append(float(loss.detach()))
+        return loss
+
+    trainer.compute_loss = recording
+    trainer.train()
+    assert len(losses) == 10 and losses[-1] < losses[0] - 0.01
+    return losses
+
+
+def _assert_same_losses(ours, trl_losses) -> None:
+    for step, expected in enumerate(trl_losses, start=1):
+        assert ours.losses[step] == pytest.approx(expected, abs=1e-4, rel=0), step
+
+
+def _split_at_labels(ids, labels):
+    """(prompt, completion): the tokens before the first label, and from it to the last label.
+    TRL scores every token after the prompt, lorakit the labelled ones (the template's trailing
+    newline is not): the tokens after the last label cannot change earlier log-probs of a causal
+    LM, so they are cut."""
+    marked = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
+    return ids[: marked[0]], ids[marked[0]: marked[-1] + 1]
+
+
+def _trl_rows(samples):
+    """lorakit's tokenized pairs as TRL's prompt_ids / chosen_ids / rejected_ids."""
     rows = []
     for s in samples:
-        prompt, chosen = split(s["chosen_ids"], s["chosen_labels"])
-        _, rejected = split(s["rejected_ids"], s["rejected_labels"])
+        prompt, chosen = _split_at_labels(s["chosen_ids"], s["chosen_labels"])
+        _, rejected = _split_at_labels(s["rejected_ids"], s["rejected_labels"])
         rows.append({"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected})
     return rows
 
 
 def test_ten_dpo_steps_equal_trl_dpo_trainer_with_peft(tiny_llama_dir, tmp_path):
-    from datasets import Dataset
     from peft import LoraConfig as PeftLoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 
-    config = _config(tiny_llama_dir, tmp_path, "ours", max_steps=10, batch_size=6, lora={
-        "r": 4, "lora_alpha": 8, "target_modules": TARGETS, "lora_dropout": 0.0})
-    ours = train(config, progress=False)
-    # the adapter lorakit started from: the same seed before injection as in the run
-    from accelerate.utils import set_seed
-
-    base = loop.load_base(config, precision="fp32")[0]
-    set_seed(config.train.seed)
-    start = loop.inject_adapters(base, config, 10)
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    samples, _, _ = build_datasets(config.data, tokenizer)
-    args = DPOConfig(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, per_device_train_batch_size=6,
-                     max_steps=10, learning_rate=1e-2, lr_scheduler_type="constant", optim="adamw_torch",
-                     max_grad_norm=1.0, weight_decay=0.0, beta=0.1, save_strategy="no", logging_steps=1,
-                     seed=5, bf16=False)
-    peft_config = PeftLoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0)
+    config = _config(tiny_llama_dir, tmp_path, "ours", max_steps=10, batch_size=6, lora=dict(PEFT_LORA))
+    ours, start, tokenizer, samples = _ours_and_start(config)
     trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32),
-                         args=args, train_dataset=text_dataset(), processing_class=tokenizer, peft_config=peft_config)
-    # TRL tokenizes text rows its own way (no chat template for plain strings): give it lorakit's tokens
-    trainer.train_dataset = Dataset.from_list(_trl_rows(samples))
-    same_adapter(trainer, start)
-    trl_losses, compute_loss = [], trainer.compute_loss
-
-    def recording(*a, **kw):
-        loss = compute_loss(*a, **kw)
-        trl_losses.append(float(loss.detach()))
-        return loss
-
-    trainer.compute_loss = recording
-    trainer.train()
-    assert len(trl_losses) == 10
+                         args=DPOConfig(**_trl_args(tmp_path), beta=0.1), train_dataset=text_dataset(),
+                         processing_class=tokenizer, peft_config=PeftLoraConfig(**PEFT_LORA))
+    trl_losses = _trl_losses(trainer, _trl_rows(samples), start)
     assert trl_losses[0] == pytest.approx(math.log(2), abs=1e-6)  # policy = reference at the start
-    assert trl_losses[-1] < trl_losses[0] - 0.01                   # and it learns
-    for step, expected in enumerate(trl_losses, start=1):
-        assert ours.losses[step] == pytest.approx(expected, abs=1e-4, rel=0), step
+    _assert_same_losses(ours, trl_losses)
 
 
 def _kto_rows(samples):
     """lorakit's KTO rows as TRL's prompt_ids / completion_ids / KL_completion_ids / label (the KL
     completion of row i is row i-1's: TRL's rotation within a batch that holds the whole data set)."""
-    def split(ids, labels):
-        marked = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
-        return ids[: marked[0]], ids[marked[0]: marked[-1] + 1]
-
-    parts = [split(s["input_ids"], s["labels"]) for s in samples]
+    parts = [_split_at_labels(s["input_ids"], s["labels"]) for s in samples]
     return [{"prompt_ids": parts[i][0], "completion_ids": parts[i][1], "KL_completion_ids": parts[i - 1][1],
              "label": s["desirable"]} for i, s in enumerate(samples)]
 
 
 def test_ten_kto_steps_equal_trl_kto_trainer_with_peft(tiny_llama_dir, tmp_path):
-    from accelerate.utils import set_seed
-    from datasets import Dataset
     from peft import LoraConfig as PeftLoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from trl import KTOConfig, KTOTrainer
 
     rows = [{"prompt": f"What is {i} plus {i}?", "completion": f"It is {2 * i + i % 2}.", "label": i % 2 == 0}
             for i in range(6)]
     (tmp_path / "kto.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = _config(tiny_llama_dir, tmp_path, "ours", objective="kto", max_steps=10, batch_size=6, beta=0.5,
-                     desirable_weight=1.2, lora={"r": 4, "lora_alpha": 8, "target_modules": TARGETS,
-                                                 "lora_dropout": 0.0})
+                     desirable_weight=1.2, lora=dict(PEFT_LORA))
     config.data.train = str(tmp_path / "kto.jsonl")
-    ours = train(config, progress=False)
-    base = loop.load_base(config, precision="fp32")[0]
-    set_seed(config.train.seed)
-    start = loop.inject_adapters(base, config, 10)
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    samples, _, _ = build_datasets(config.data, tokenizer)
-    args = KTOConfig(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, per_device_train_batch_size=6,
-                     max_steps=10, learning_rate=1e-2, lr_scheduler_type="constant", optim="adamw_torch",
-                     max_grad_norm=1.0, weight_decay=0.0, beta=0.5, desirable_weight=1.2, save_strategy="no",
-                     logging_steps=1, seed=5, bf16=False)
-    trainer = KTOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32), args=args,
+    ours, start, tokenizer, samples = _ours_and_start(config)
+    trainer = KTOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32),
+                         args=KTOConfig(**_trl_args(tmp_path), beta=0.5, desirable_weight=1.2),
                          train_dataset=text_dataset(kto=True), processing_class=tokenizer,
-                         peft_config=PeftLoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0))
-    trainer.train_dataset = Dataset.from_list(_kto_rows(samples))
-    same_adapter(trainer, start)
-    trl_losses, compute_loss = [], trainer.compute_loss
-
-    def recording(*a, **kw):
-        loss = compute_loss(*a, **kw)
-        trl_losses.append(float(loss.detach()))
-        return loss
-
-    trainer.compute_loss = recording
-    trainer.train()
-    assert len(trl_losses) == 10 and trl_losses[-1] < trl_losses[0] - 0.01
-    for step, expected in enumerate(trl_losses, start=1):
-        assert ours.losses[step] == pytest.approx(expected, abs=1e-4, rel=0), step
+                         peft_config=PeftLoraConfig(**PEFT_LORA))
+    _assert_same_losses(ours, _trl_losses(trainer, _kto_rows(samples), start))
 
 
 def test_reference_is_the_base_model_with_the_adapter_off(tiny_llama_dir, tmp_path, smol_tokenizer):
@@ -322,25 +317,13 @@ def _pair_rows(samples):
 
 @pytest.mark.parametrize("objective", ["orpo", "simpo"])
 def test_ten_orpo_and_simpo_steps_equal_trl_trainers_with_peft(tiny_llama_dir, tmp_path, objective):
-    from accelerate.utils import set_seed
-    from datasets import Dataset
     from peft import LoraConfig as PeftLoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     knobs = {"orpo": {"beta": 0.2}, "simpo": {"beta": 2.0, "simpo_gamma": 0.6, "cpo_alpha": 1.0}}[objective]
     config = _config(tiny_llama_dir, tmp_path, "ours", objective=objective, max_steps=10, batch_size=6, **knobs,
-                     lora={"r": 4, "lora_alpha": 8, "target_modules": TARGETS, "lora_dropout": 0.0})
-    ours = train(config, progress=False)
-    base = loop.load_base(config, precision="fp32")[0]
-    set_seed(config.train.seed)
-    start = loop.inject_adapters(base, config, 10)
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    samples, _, _ = build_datasets(config.data, tokenizer)
-    common = dict(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, per_device_train_batch_size=6,
-                  max_steps=10, learning_rate=1e-2, lr_scheduler_type="constant", optim="adamw_torch",
-                  max_grad_norm=1.0, weight_decay=0.0, save_strategy="no", logging_steps=1, seed=5, bf16=False,
-                  remove_unused_columns=False)
+                     lora=dict(PEFT_LORA))
+    ours, start, tokenizer, samples = _ours_and_start(config)
     if objective == "orpo":
         from trl.experimental.orpo import ORPOConfig as Config
         from trl.experimental.orpo import ORPOTrainer as Trainer
@@ -350,19 +333,6 @@ def test_ten_orpo_and_simpo_steps_equal_trl_trainers_with_peft(tiny_llama_dir, t
 
         knobs = dict(knobs, loss_type="simpo")
     trainer = Trainer(model=AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32),
-                      args=Config(**common, **knobs), train_dataset=text_dataset(), processing_class=tokenizer,
-                      peft_config=PeftLoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0))
-    trainer.train_dataset = Dataset.from_list(_pair_rows(samples))
-    same_adapter(trainer, start)
-    trl_losses, compute_loss = [], trainer.compute_loss
-
-    def recording(*a, **kw):
-        loss = compute_loss(*a, **kw)
-        trl_losses.append(float(loss.detach()))
-        return loss
-
-    trainer.compute_loss = recording
-    trainer.train()
-    assert len(trl_losses) == 10 and trl_losses[-1] < trl_losses[0] - 0.01
-    for step, expected in enumerate(trl_losses, start=1):
-        assert ours.losses[step] == pytest.approx(expected, abs=1e-4, rel=0), step
+                      args=Config(**_trl_args(tmp_path), remove_unused_columns=False, **knobs),
+                      train_dataset=text_dataset(), processing_class=tokenizer, peft_config=PeftLoraConfig(**PEFT_LORA))
+    _assert_same_losses(ours, _trl_losses(trainer, _pair_rows(samples), start))
