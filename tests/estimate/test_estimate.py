@@ -97,3 +97,31 @@ def test_estimate_command_prints_the_parts_and_json(tiny_llama_dir, tmp_path, ca
     # r=4 on q (32 -> 32), v (32 -> 16: 2 KV heads of 8) and up (32 -> 64), 2 layers: r·(in + out) each
     assert report["params"]["trainable"] == 2 * 4 * ((32 + 32) + (32 + 16) + (32 + 64))
     assert main(["estimate", str(path), "data.max_seq_len=0"]) == 2  # bad config: one line, exit 2
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_a_qlora_run_is_sized_and_timed_for_its_compact_allocator(tiny_llama_dir, tmp_path, method):
+    """QLoRA loads through models.stream_load, which makes every large allocation a fresh
+    mapping: less kept by the allocator, but each step maps new pages. LoRA keeps glibc's heap."""
+    import platform
+
+    from lorakit.estimate.run import ALLOCATOR_SHARE, COMPACT_ALLOCATOR_SHARE, _compact_allocator, _size
+    from lorakit.estimate.timing import Rates, StepWork, _fresh_memory_rate
+
+    if method == "qlora":
+        pytest.importorskip("bitsandbytes")
+    data = tiny_config_dict(tiny_llama_dir, tmp_path, tmp_path / "out", max_steps=1, batch_size=4)
+    data["method"] = method
+    config = TrainingConfig.from_dict(data)
+    result = estimate(config, timing=False)
+    compact = method == "qlora" and platform.libc_ver()[0] == "glibc"
+    dynamic = result.parts["activations"] + result.parts["head"] + result.parts["backward"]
+    share = COMPACT_ALLOCATOR_SHARE if compact else ALLOCATOR_SHARE
+    assert result.parts["allocator"] == round(share * dynamic)
+    tokenizer = load_tokenizer(config.model)
+    samples, _, _ = build_datasets(config.data, tokenizer)
+    assert _compact_allocator(_size(config, samples, 1)) == compact
+    rate = _fresh_memory_rate()
+    assert 0 < rate < float("inf")  # a fresh mapping costs something over a warm buffer
+    rates = Rates(linear_s_per_flop=0.0, attention_s_per_flop=0.0, memory_bytes_per_s=1.0, fresh_bytes_per_s=rate)
+    assert StepWork(0.0, 0.0, 0.0, fresh_bytes=2 * rate).seconds(rates) == pytest.approx(2.0)

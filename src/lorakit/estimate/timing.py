@@ -13,6 +13,11 @@ the run's kind (dense fp32 / bf16 or bitsandbytes 4-bit / int8), forward + input
 a (min(M, 1024), in) input, and SDPA forward + backward at the run's (heads, T, head_dim).
 Everything else (norms, activations, adapters, copies) is memory-bound: the bytes autograd
 keeps, written in forward and read twice in backward, over the probe's memory bandwidth.
+
+A QLoRA run allocates compactly (``models.stream_load``: every allocation of 1 MiB or more is a
+fresh mapping, returned to the system when freed), so each step's large tensors are new pages
+the kernel maps and zeroes: the calibration also times first writes to a fresh anonymous
+mapping against writes to a warm buffer (``fresh_bytes_per_s``).
 Results are cached per host and shape next to the host probe (``lorakit env``).
 """
 
@@ -29,18 +34,20 @@ from torch import nn
 from lorakit._cache import cache_dir
 from lorakit._io import write_json_atomic
 
-_FORMAT = 1
+_FORMAT = 2
 _MAX_TOKENS = 1024
 
 
 @dataclass(frozen=True)
 class Rates:
     """Measured on this host: seconds per base-matmul FLOP (forward + input gradient of the
-    calibration linear over its FLOPs), seconds per attention FLOP, memory bytes per second."""
+    calibration linear over its FLOPs), seconds per attention FLOP, memory bytes per second,
+    bytes per second of first writes to freshly mapped memory (page faults and zeroing)."""
 
     linear_s_per_flop: float
     attention_s_per_flop: float
     memory_bytes_per_s: float
+    fresh_bytes_per_s: float
 
 
 def _best_time(fn, repeats: int = 3) -> float:
@@ -84,6 +91,27 @@ def _attention_rate(batch: int, heads: int, seq: int, head_dim: int, dtype: torc
     return _best_time(step) / (3 * 4 * batch * seq * seq * heads * head_dim)
 
 
+def _fresh_memory_rate(megabytes: int = 64) -> float:
+    """Bytes/s that mapping, first writing and unmapping anonymous memory adds over writing a
+    warm buffer: what a compact allocator pays for every large tensor of a step."""
+    import mmap
+
+    if not hasattr(mmap, "MAP_PRIVATE"):  # not POSIX: no compact allocator to pay for
+        return float("inf")
+    size = megabytes * 2**20
+    warm = torch.empty(size, dtype=torch.uint8)
+    warm.fill_(1)
+
+    def fresh():
+        with mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) as mapping:  # as malloc maps
+            view = torch.frombuffer(mapping, dtype=torch.uint8)
+            view.fill_(1)
+            del view  # the buffer export must end before the mapping closes
+
+    extra = _best_time(fresh, repeats=5) - _best_time(lambda: warm.fill_(1), repeats=5)
+    return size / max(extra, 1e-6)
+
+
 def measure_rates(in_features: int, out_features: int, tokens: int, kind: str, dtype: torch.dtype,
                   heads: int, seq: int, head_dim: int, memory_bytes_per_s: float) -> Rates:
     """Run the calibration now (about a second; module docstring), without the cache."""
@@ -92,7 +120,7 @@ def measure_rates(in_features: int, out_features: int, tokens: int, kind: str, d
     with torch.enable_grad():
         return Rates(linear_s_per_flop=_linear_rate(in_features, out_features, tokens, kind, dtype),
                      attention_s_per_flop=_attention_rate(attention_batch, heads, min(seq, 2048), head_dim, dtype),
-                     memory_bytes_per_s=memory_bytes_per_s)
+                     memory_bytes_per_s=memory_bytes_per_s, fresh_bytes_per_s=_fresh_memory_rate())
 
 
 def host_rates(in_features: int, out_features: int, tokens: int, kind: str, dtype: torch.dtype, heads: int,
@@ -113,7 +141,8 @@ def host_rates(in_features: int, out_features: int, tokens: int, kind: str, dtyp
         cached = Rates(**json.loads(path.read_text()))
         rates = Rates(linear_s_per_flop=min(rates.linear_s_per_flop, cached.linear_s_per_flop),
                       attention_s_per_flop=min(rates.attention_s_per_flop, cached.attention_s_per_flop),
-                      memory_bytes_per_s=max(rates.memory_bytes_per_s, cached.memory_bytes_per_s))
+                      memory_bytes_per_s=max(rates.memory_bytes_per_s, cached.memory_bytes_per_s),
+                      fresh_bytes_per_s=max(rates.fresh_bytes_per_s, cached.fresh_bytes_per_s))
     except (OSError, ValueError, TypeError):
         pass
     try:
@@ -126,12 +155,14 @@ def host_rates(in_features: int, out_features: int, tokens: int, kind: str, dtyp
 @dataclass(frozen=True)
 class StepWork:
     """What one optimizer step does: FLOPs of base matmuls (forward + backward), attention
-    FLOPs (forward + backward), and bytes of memory-bound traffic (activations, optimizer)."""
+    FLOPs (forward + backward), bytes of memory-bound traffic (activations, optimizer), and
+    bytes written to freshly mapped memory (a compact allocator's large tensors; else 0)."""
 
     linear_flops: float
     attention_flops: float
     memory_bytes: float
+    fresh_bytes: float = 0.0
 
     def seconds(self, rates: Rates) -> float:
         return (self.linear_flops * rates.linear_s_per_flop + self.attention_flops * rates.attention_s_per_flop
-                + self.memory_bytes / rates.memory_bytes_per_s)
+                + self.memory_bytes / rates.memory_bytes_per_s + self.fresh_bytes / rates.fresh_bytes_per_s)

@@ -123,6 +123,9 @@ def _release_freed_memory() -> None:
 
 _TRIM = None
 
+# Allocations at least this large are fresh mappings after a quantized load (``load_quantized``).
+COMPACT_MMAP_THRESHOLD = 1 << 20
+
 
 def _place(module: nn.Module, attribute: str, tensor: torch.Tensor) -> None:
     module._parameters[attribute] = nn.Parameter(tensor, requires_grad=False)
@@ -139,7 +142,7 @@ def load_quantized(source: str, recorded_name: str, qlora_config, dtype: torch.d
     # step's activations, are carved from the heap, where freed blocks between live ones stay
     # resident: on a 3B model the peak of 3 training steps grew from 2.7 to 4.7 GiB that way,
     # with the same step time (49.7 vs 50.6 s).
-    _mmap_threshold(1 << 20)
+    _mmap_threshold(COMPACT_MMAP_THRESHOLD)
     return _load(Path(source), recorded_name, qlora_config, dtype, device)
 
 
