@@ -170,6 +170,7 @@ def test_user_text_with_line_breaks_stays_on_one_line(tmp_path):
     ({"data": {"train": {"path": "a"}}}, "data.train must be a file or directory path"),
     ({"train": {"lr": float("inf")}}, "train.lr must be a finite number"),  # inf passed '> 0'
     ({"train": {"epochs": float("inf")}}, "train.epochs must be a finite number"),
+    ({"train": {"compact_memory": "sometimes"}}, "train.compact_memory must be true, false or auto"),
 ])
 def test_values_of_the_wrong_type_or_not_finite_are_refused(data, fragment):
     assert fragment in _refused(TrainingConfig.from_dict, data)

@@ -2,7 +2,8 @@
 
 Linux: ``/proc/self/status`` (VmRSS: resident now, VmHWM: the peak so far) and ``/proc/meminfo``
 (MemAvailable: what can be allocated without swapping). Elsewhere ``resource.getrusage``'s peak
-and the physical memory size stand in. A leaf module: it imports nothing of lorakit's.
+and the physical memory size stand in. ``use_compact_allocation`` switches glibc's malloc to
+memory-first for the rest of the process. A leaf module: it imports nothing of lorakit's.
 """
 
 from __future__ import annotations
@@ -48,3 +49,28 @@ def available_bytes() -> int:
     except (OSError, ValueError, IndexError):
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+# Allocations at least this large are mappings of their own under ``use_compact_allocation``.
+COMPACT_MMAP_THRESHOLD = 1 << 20
+
+
+def use_compact_allocation() -> bool:
+    """Memory first, for the rest of the process: glibc's M_MMAP_THRESHOLD fixed at 1 MiB, so an
+    allocation that large is a mapping of its own, returned to the system when freed, and glibc's
+    rising threshold is off. With glibc's default (a threshold that rises to 32 MiB after the first
+    large free) a training step's activations are carved from the heap, where freed blocks between
+    live ones stay resident. The heap's top may keep at most 2 MiB free (M_TRIM_THRESHOLD, twice
+    the threshold, as glibc's own rule) and is trimmed now: a large request that free heap space
+    could serve never reaches the mapping rule. The price: every large tensor is fresh pages the
+    kernel maps and zeroes (README "lorakit estimate"). True when set; False without glibc."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        mapped = libc.mallopt(-3, COMPACT_MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
+        trimmed = libc.mallopt(-1, 2 * COMPACT_MMAP_THRESHOLD)  # M_TRIM_THRESHOLD
+        libc.malloc_trim(0)
+        return bool(mapped and trimmed)
+    except (OSError, AttributeError):
+        return False

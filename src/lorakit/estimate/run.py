@@ -26,9 +26,10 @@ Memory of one training process at its peak (bytes):
   backward, fragmentation): ALLOCATOR_SHARE of the step's dynamic memory (activations, head,
   backward), measured with glibc malloc on the built-in model, LoRA and QLoRA at 4 x 256 tokens
   (benchmarks/estimate_accuracy.py: the measured peak RSS exceeded the sum of the other parts by
-  0.32 and 0.35 of that dynamic memory). A QLoRA run allocates compactly (``models.stream_load``:
-  allocations of 1 MiB and more are mappings of their own, unmapped when freed): its share is
-  COMPACT_ALLOCATOR_SHARE, and each step pays for mapping fresh pages (``estimate.timing``).
+  0.32 and 0.35 of that dynamic memory). A run with train.compact_memory (auto: QLoRA) allocates
+  compactly (``lorakit._memory.use_compact_allocation``: allocations of 1 MiB and more are
+  mappings of their own, unmapped when freed): its share is COMPACT_ALLOCATOR_SHARE, and each
+  step pays for mapping fresh pages (``estimate.timing``).
 
 predicted peak = max(load, train); it fits when peak x processes on this host <= the memory
 the host can still give plus this process's own (already counted in runtime).
@@ -55,8 +56,8 @@ from lorakit.estimate.timing import StepWork, host_rates
 
 
 ALLOCATOR_SHARE = 0.33  # see "allocator" in the module docstring
-# A QLoRA run allocates compactly (see "allocator"): little is kept mapped, but every large tensor
-# is fresh memory. Measured on the built-in model, QLoRA r=16 on all 7 linears, fp32 compute, 4 x
+# A run with train.compact_memory (auto: QLoRA) allocates compactly (see "allocator"): little is
+# kept mapped, but every large tensor is fresh memory. Measured on the built-in model, QLoRA r=16 on all 7 linears, fp32 compute, 4 x
 # 256 and 4 x 512 tokens: peak RSS exceeded the other parts by 0.13 and 0.03 of the dynamic memory;
 # a step allocated 4.9x and 4.5x the bytes autograd keeps (torch profiler, profile_memory).
 COMPACT_ALLOCATOR_SHARE = 0.08
@@ -260,11 +261,13 @@ def _plain_lm(sized: _Sized) -> bool:
 
 
 def _compact_allocator(sized: _Sized) -> bool:
-    """Whether the run's allocator is compact: a QLoRA base loads through models.stream_load,
-    which sets glibc's mmap threshold (a no-op elsewhere)."""
+    """Whether the run allocates compactly (train.compact_memory; auto: a QLoRA base), which
+    sets glibc's mmap threshold (a no-op elsewhere)."""
     import platform
 
-    return hasattr(sized.config.lora, "quantization") and platform.libc_ver()[0] == "glibc"
+    from lorakit.training.loop import compact_memory
+
+    return compact_memory(sized.config) and platform.libc_ver()[0] == "glibc"
 
 
 def _seconds(sized: _Sized, params: ParameterCounts, grad_accum: int, checkpointing: bool) -> float:

@@ -14,8 +14,8 @@ a (min(M, 1024), in) input, and SDPA forward + backward at the run's (heads, T, 
 Everything else (norms, activations, adapters, copies) is memory-bound: the bytes autograd
 keeps, written in forward and read twice in backward, over the probe's memory bandwidth.
 
-A QLoRA run allocates compactly (``models.stream_load``: every allocation of 1 MiB or more is a
-fresh mapping, returned to the system when freed), so each step's large tensors are new pages
+A run with train.compact_memory (auto: QLoRA) allocates compactly (every allocation of 1 MiB or
+more a fresh mapping, returned to the system when freed: ``lorakit._memory``), so each step's large tensors are new pages
 the kernel maps and zeroes: the calibration also times first writes to a fresh anonymous
 mapping against writes to a warm buffer (``fresh_bytes_per_s``).
 Results are cached per host and shape next to the host probe (``lorakit env``).

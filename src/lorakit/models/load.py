@@ -163,7 +163,8 @@ def _tokenizer_from(source: str, name_or_path: str):
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, dtype="float32", device: str | torch.device = "cpu",
-               attn_implementation: str | None = None, tokenizer=None, quantize=None):
+               attn_implementation: str | None = None, tokenizer=None, quantize=None,
+               compact_memory: bool | None = None):
     """Return (model, tokenizer) for a local directory, hub id, .gguf file or built-in alias.
 
     The model is in eval mode on ``device`` in ``dtype``; the tokenizer has a pad token (the
@@ -171,10 +172,17 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype="float32", device: str |
     ``load_tokenizer``. ``model.name_or_path`` is the name the user gave, so saved adapters
     record it as base_model_name_or_path. ``quantize``: a QLoraConfig to load the base already
     quantized as it says, streamed tensor by tensor (``stream_load``: peak memory near the
-    quantized size, never the dense model's).
+    quantized size, never the dense model's). ``compact_memory``: allocate memory-first for the
+    rest of the process (``lorakit._memory.use_compact_allocation``), set before the load; None:
+    for a quantized load only (on a ~3B QLoRA run it took the peak of 3 training steps from 4.7
+    to 2.7 GiB at the same step time; on the built-in model it costs ~25% of step time).
     """
     from transformers import AutoModelForCausalLM
 
+    from lorakit._memory import use_compact_allocation
+
+    if compact_memory or (compact_memory is None and quantize is not None):
+        use_compact_allocation()
     source, recorded_name = resolve_model_source(str(name_or_path))
     tokenizer = tokenizer or _tokenizer_from(source, str(name_or_path))
     if quantize is not None and attn_implementation is None:

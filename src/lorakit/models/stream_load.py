@@ -123,9 +123,6 @@ def _release_freed_memory() -> None:
 
 _TRIM = None
 
-# Allocations at least this large are fresh mappings after a quantized load (``load_quantized``).
-COMPACT_MMAP_THRESHOLD = 1 << 20
-
 
 def _place(module: nn.Module, attribute: str, tensor: torch.Tensor) -> None:
     module._parameters[attribute] = nn.Parameter(tensor, requires_grad=False)
@@ -135,27 +132,9 @@ def load_quantized(source: str, recorded_name: str, qlora_config, dtype: torch.d
     """The model of directory ``source`` on ``device`` with its base quantized as ``qlora_config``
     says (module docstring); dense tensors (norms, biases, unquantized embeddings) in ``dtype``.
     Every tensor is placed on ``device`` before it is quantized (bitsandbytes quantizes where the
-    weight is; moving a quantized int8 layer afterwards would quantize it again)."""
-    # Allocations of 1 MiB and more get their own mappings, returned to the system when freed, for
-    # the rest of the process: a QLoRA run is memory-first. With glibc's default (a threshold that
-    # rises to 32 MiB after the first large free) the dense chunks of the load, and later each
-    # step's activations, are carved from the heap, where freed blocks between live ones stay
-    # resident: on a 3B model the peak of 3 training steps grew from 2.7 to 4.7 GiB that way,
-    # with the same step time (49.7 vs 50.6 s).
-    _mmap_threshold(COMPACT_MMAP_THRESHOLD)
+    weight is; moving a quantized int8 layer afterwards would quantize it again). The allocator
+    policy (``load_model``'s ``compact_memory``) is set before this runs."""
     return _load(Path(source), recorded_name, qlora_config, dtype, device)
-
-
-def _mmap_threshold(size: int) -> None:
-    """glibc's M_MMAP_THRESHOLD: allocations at least this large are mapped (and unmapped when
-    freed) instead of carved from the heap, where freed dense weights between live 4-bit ones
-    would stay resident. Setting it also turns off glibc's rising threshold. No-op without glibc."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt(-3, size)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
 
 
 def _quantized_by_rows(param: torch.Tensor, targets: dict, qlora_config) -> bool:

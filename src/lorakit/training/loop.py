@@ -82,7 +82,14 @@ def load_base(config: TrainingConfig, device=None, precision: str | None = None,
 
     precision = precision or resolve_precision(config.train.precision)
     quantize = config.lora if get_method(config.method).quantized_base else None  # QLoRA: streamed, quantized
-    return load_model(config.model, dtype=precision, device=device or "cpu", tokenizer=tokenizer, quantize=quantize)
+    return load_model(config.model, dtype=precision, device=device or "cpu", tokenizer=tokenizer, quantize=quantize,
+                      compact_memory=compact_memory(config))
+
+
+def compact_memory(config: TrainingConfig) -> bool:
+    """train.compact_memory resolved: auto is on for a quantized base (QLoRA), off otherwise."""
+    setting = config.train.compact_memory
+    return get_method(config.method).quantized_base if setting == "auto" else setting
 
 
 def inject_adapters(model, config: TrainingConfig, total_steps: int):
