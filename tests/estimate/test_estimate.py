@@ -125,3 +125,19 @@ def test_a_qlora_run_is_sized_and_timed_for_its_compact_allocator(tiny_llama_dir
     assert 0 < rate < float("inf")  # a fresh mapping costs something over a warm buffer
     rates = Rates(linear_s_per_flop=0.0, attention_s_per_flop=0.0, memory_bytes_per_s=1.0, fresh_bytes_per_s=rate)
     assert StepWork(0.0, 0.0, 0.0, fresh_bytes=2 * rate).seconds(rates) == pytest.approx(2.0)
+
+
+def test_compact_allocation_is_suggested_when_it_makes_a_run_fit(tiny_llama_dir, tmp_path, monkeypatch):
+    import lorakit.estimate.run as estimate_run
+
+    runtime = estimate_run.rss_bytes()
+    monkeypatch.setattr(estimate_run, "rss_bytes", lambda: runtime)  # one runtime for every estimate below
+    heap = estimate(_config(tiny_llama_dir, tmp_path), timing=False)
+    compact = estimate(_config(tiny_llama_dir, tmp_path, compact_memory=True), timing=False)
+    assert compact.parts["allocator"] < heap.parts["allocator"] and compact.peak < heap.peak
+    room = (heap.peak + compact.peak) // 2  # the heap run does not fit, the compact one does
+    assert compact.peak <= room < heap.peak
+    suggested = estimate(_config(tiny_llama_dir, tmp_path), timing=False, available=room).suggestions
+    assert "train.compact_memory=true" in suggested
+    refused = estimate(_config(tiny_llama_dir, tmp_path, compact_memory=False), timing=False, available=room)
+    assert not refused.fits and "train.compact_memory=true" not in refused.suggestions  # the user said no

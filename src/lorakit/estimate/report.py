@@ -13,27 +13,34 @@ def _fits(peak: int, estimate: Estimate) -> bool:
 
 def suggest(sized, estimate: Estimate, memory) -> list[str]:
     """Changes that make the run fit, cheapest first (each checked with the same arithmetic):
-    gradient checkpointing; a smaller micro-batch with more accumulation (same global batch);
-    QLoRA for a LoRA run. ``memory``: ``run._memory``."""
+    gradient checkpointing; compact allocation (train.compact_memory); a smaller micro-batch with
+    more accumulation (same global batch); QLoRA for a LoRA run (compact unless the run sets
+    compact_memory false). ``memory``: ``run._memory``."""
+    from lorakit.estimate.run import _compact_allocator
+
     args = sized.config.train
-    tried: list[tuple[str, float, bool, object]] = []
+    compact = _compact_allocator(sized)
+    tried: list[tuple[str, float, bool, object, bool]] = []
     if not args.grad_checkpointing:
-        tried.append(("train.grad_checkpointing=true", 1.0, True, None))
+        tried.append(("train.grad_checkpointing=true", 1.0, True, None, compact))
+    if not compact and args.compact_memory is not False:  # auto, not an explicit false
+        tried.append(("train.compact_memory=true", 1.0, args.grad_checkpointing, None, True))
     for checkpointing in sorted({args.grad_checkpointing, True}):
         size = args.batch_size // 2
         while size >= 1:
             extra = " train.grad_checkpointing=true" if checkpointing and not args.grad_checkpointing else ""
             tried.append((f"train.batch_size={size} train.grad_accum={args.grad_accum * args.batch_size // size}"
-                          f"{extra}", size / args.batch_size, checkpointing, None))
+                          f"{extra}", size / args.batch_size, checkpointing, None, compact))
             size //= 2
     quantized = qlora_counts(sized)
     if quantized is not None:
-        tried.append(("method=qlora", 1.0, args.grad_checkpointing, quantized))
+        qlora_compact = args.compact_memory is not False  # auto: a quantized base allocates compactly
+        tried.append(("method=qlora", 1.0, args.grad_checkpointing, quantized, qlora_compact))
         if not args.grad_checkpointing:
-            tried.append(("method=qlora train.grad_checkpointing=true", 1.0, True, quantized))
+            tried.append(("method=qlora train.grad_checkpointing=true", 1.0, True, quantized, qlora_compact))
     found: list[str] = []
-    for label, factor, checkpointing, params in tried:
-        parts, load, _, _ = memory(sized, factor, checkpointing, params)
+    for label, factor, checkpointing, params, compact_here in tried:
+        parts, load, _, _ = memory(sized, factor, checkpointing, params, compact_here)
         if _fits(max(train_peak(parts), load), estimate) and not any(label.startswith(f) for f in found):
             found.append(label)
         if len(found) == 3:

@@ -203,9 +203,11 @@ def _load_dtype_element(config) -> int:
     return 2 if resolve_precision(config.train.precision) == "bf16" else 4
 
 
-def _memory(sized: _Sized, batch_factor: float, checkpointing: bool, params: ParameterCounts | None = None):
+def _memory(sized: _Sized, batch_factor: float, checkpointing: bool, params: ParameterCounts | None = None,
+            compact: bool | None = None):
     """(train parts, load peak, activations plain, activations checkpointed) for ``sized`` with
-    ``batch_factor`` x its batch rows, ``params`` (another method's counts) if given."""
+    ``batch_factor`` x its batch rows, ``params`` (another method's counts) if given, ``compact``
+    allocation if given (else the run's own, ``_compact_allocator``)."""
     params = params or sized.params
     trace, shapes = sized.trace, sized.shapes.scaled(batch_factor)
     plain = round(trace.total * shapes.rows / sized.trace.batch)
@@ -228,7 +230,8 @@ def _memory(sized: _Sized, batch_factor: float, checkpointing: bool, params: Par
     if sized.config.train.fsdp and sized.world > 1:
         # FSDP (training.distributed): 1/N of the base held, one decoder layer gathered at a time
         parts["weights"] = params.frozen_bytes // sized.world + params.frozen_bytes // max(len(trace.per_layer), 1)
-    share = COMPACT_ALLOCATOR_SHARE if _compact_allocator(sized) else ALLOCATOR_SHARE
+    compact = _compact_allocator(sized) if compact is None else compact
+    share = COMPACT_ALLOCATOR_SHARE if compact else ALLOCATOR_SHARE
     parts["allocator"] = round(share * (parts["activations"] + parts["head"] + parts["backward"]))
     load_element = _load_dtype_element(sized.config)
     largest = params.largest_frozen_bytes * load_element // max(sized.base_element, 1)
