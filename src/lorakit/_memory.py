@@ -55,6 +55,13 @@ def available_bytes() -> int:
 COMPACT_MMAP_THRESHOLD = 1 << 20
 
 
+def compact_allocation_available() -> bool:
+    """Whether ``use_compact_allocation`` can act here: glibc's malloc (Linux)."""
+    import platform
+
+    return platform.libc_ver()[0] == "glibc"
+
+
 def use_compact_allocation() -> bool:
     """Memory first, for the rest of the process: glibc's M_MMAP_THRESHOLD fixed at 1 MiB, so an
     allocation that large is a mapping of its own, returned to the system when freed, and glibc's

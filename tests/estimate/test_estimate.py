@@ -100,31 +100,48 @@ def test_estimate_command_prints_the_parts_and_json(tiny_llama_dir, tmp_path, ca
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])
-def test_a_qlora_run_is_sized_and_timed_for_its_compact_allocator(tiny_llama_dir, tmp_path, method):
-    """QLoRA loads through models.stream_load, which makes every large allocation a fresh
-    mapping: less kept by the allocator, but each step maps new pages. LoRA keeps glibc's heap."""
-    import platform
-
-    from lorakit.estimate.run import ALLOCATOR_SHARE, COMPACT_ALLOCATOR_SHARE, _compact_allocator, _size
-    from lorakit.estimate.timing import Rates, StepWork, _fresh_memory_rate
+def test_the_allocator_share_follows_compact_memory(tiny_llama_dir, tmp_path, method):
+    """train.compact_memory (auto: on for QLoRA) makes every large allocation a fresh mapping:
+    little is kept by the allocator (a smaller share of the step's dynamic memory)."""
+    from lorakit._memory import compact_allocation_available
+    from lorakit.estimate.run import ALLOCATOR_SHARE, COMPACT_ALLOCATOR_SHARE
 
     if method == "qlora":
         pytest.importorskip("bitsandbytes")
     data = tiny_config_dict(tiny_llama_dir, tmp_path, tmp_path / "out", max_steps=1, batch_size=4)
     data["method"] = method
-    config = TrainingConfig.from_dict(data)
-    result = estimate(config, timing=False)
-    compact = method == "qlora" and platform.libc_ver()[0] == "glibc"
+    result = estimate(TrainingConfig.from_dict(data), timing=False)
+    compact = method == "qlora" and compact_allocation_available()
     dynamic = result.parts["activations"] + result.parts["head"] + result.parts["backward"]
     share = COMPACT_ALLOCATOR_SHARE if compact else ALLOCATOR_SHARE
     assert result.parts["allocator"] == round(share * dynamic)
-    tokenizer = load_tokenizer(config.model)
-    samples, _, _ = build_datasets(config.data, tokenizer)
-    assert _compact_allocator(_size(config, samples, 1)) == compact
-    rate = _fresh_memory_rate()
-    assert 0 < rate < float("inf")  # a fresh mapping costs something over a warm buffer
-    rates = Rates(linear_s_per_flop=0.0, attention_s_per_flop=0.0, memory_bytes_per_s=1.0, fresh_bytes_per_s=rate)
-    assert StepWork(0.0, 0.0, 0.0, fresh_bytes=2 * rate).seconds(rates) == pytest.approx(2.0)
+
+
+def test_a_compact_run_pays_for_fresh_pages_every_step(tiny_llama_dir, tmp_path, monkeypatch):
+    """Same run, compact or not: the step time differs by 4.7x the kept activation bytes at the
+    host's fresh-memory rate (fixed rates here, so nothing else moves)."""
+    import lorakit.estimate.run as estimate_run
+    from lorakit._memory import compact_allocation_available
+    from lorakit.estimate.timing import Rates, _fresh_memory_rate
+
+    if not compact_allocation_available():
+        pytest.skip("compact allocation is glibc's")
+    rates = Rates(linear_s_per_flop=1e-11, attention_s_per_flop=1e-11, memory_bytes_per_s=1e10,
+                  fresh_bytes_per_s=2e9)
+    monkeypatch.setattr(estimate_run, "host_rates", lambda *args: rates)
+    heap = _config(tiny_llama_dir, tmp_path, compact_memory=False)
+    compact = _config(tiny_llama_dir, tmp_path, compact_memory=True)
+    tokenizer = load_tokenizer(heap.model)
+    samples, _, _ = build_datasets(heap.data, tokenizer)
+    sized = estimate_run._size(heap, samples, 1)
+    kept = sized.trace.total * sized.shapes.mean_tokens / (sized.trace.batch * sized.trace.seq)
+    seconds = {name: estimate(config, samples, timing=True).seconds_per_step
+               for name, config in (("heap", heap), ("compact", compact))}
+    extra = seconds["compact"] - seconds["heap"]
+    assert extra == pytest.approx(estimate_run.COMPACT_ALLOCATED_PER_KEPT * kept / rates.fresh_bytes_per_s, rel=1e-6)
+    assert extra > 0
+    measured = _fresh_memory_rate()
+    assert 1e8 < measured < 1e12  # a real first-write rate: 0.1-1000 GB/s
 
 
 def test_compact_allocation_is_suggested_when_it_makes_a_run_fit(tiny_llama_dir, tmp_path, monkeypatch):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from lorakit.estimate.run import Estimate, qlora_counts, train_peak
+from lorakit._memory import compact_allocation_available
+from lorakit.estimate.run import Estimate, _compact_allocator, qlora_counts, train_peak
 
 _MIB, _GIB = 2**20, 2**30
 
@@ -16,14 +17,13 @@ def suggest(sized, estimate: Estimate, memory) -> list[str]:
     gradient checkpointing; compact allocation (train.compact_memory); a smaller micro-batch with
     more accumulation (same global batch); QLoRA for a LoRA run (compact unless the run sets
     compact_memory false). ``memory``: ``run._memory``."""
-    from lorakit.estimate.run import _compact_allocator
-
     args = sized.config.train
     compact = _compact_allocator(sized)
+    can_compact = compact_allocation_available() and args.compact_memory is not False  # not where the user said no
     tried: list[tuple[str, float, bool, object, bool]] = []
     if not args.grad_checkpointing:
         tried.append(("train.grad_checkpointing=true", 1.0, True, None, compact))
-    if not compact and args.compact_memory is not False:  # auto, not an explicit false
+    if not compact and can_compact:
         tried.append(("train.compact_memory=true", 1.0, args.grad_checkpointing, None, True))
     for checkpointing in sorted({args.grad_checkpointing, True}):
         size = args.batch_size // 2
@@ -34,7 +34,7 @@ def suggest(sized, estimate: Estimate, memory) -> list[str]:
             size //= 2
     quantized = qlora_counts(sized)
     if quantized is not None:
-        qlora_compact = args.compact_memory is not False  # auto: a quantized base allocates compactly
+        qlora_compact = can_compact  # auto: a quantized base allocates compactly
         tried.append(("method=qlora", 1.0, args.grad_checkpointing, quantized, qlora_compact))
         if not args.grad_checkpointing:
             tried.append(("method=qlora train.grad_checkpointing=true", 1.0, True, quantized, qlora_compact))

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from lorakit._memory import available_bytes, rss_bytes
+from lorakit._memory import available_bytes, compact_allocation_available, rss_bytes
 from lorakit.errors import LorakitError
 from lorakit.estimate.activations import ActivationTrace, head_bytes, trace_activations
 from lorakit.estimate.shapes import BatchShapes, batch_shapes
@@ -57,9 +57,10 @@ from lorakit.estimate.timing import StepWork, host_rates
 
 ALLOCATOR_SHARE = 0.33  # see "allocator" in the module docstring
 # A run with train.compact_memory (auto: QLoRA) allocates compactly (see "allocator"): little is
-# kept mapped, but every large tensor is fresh memory. Measured on the built-in model, QLoRA r=16 on all 7 linears, fp32 compute, 4 x
-# 256 and 4 x 512 tokens: peak RSS exceeded the other parts by 0.13 and 0.03 of the dynamic memory;
-# a step allocated 4.9x and 4.5x the bytes autograd keeps (torch profiler, profile_memory).
+# kept mapped, but every large tensor is fresh memory. Measured on the built-in model, QLoRA r=16
+# on all 7 linears, fp32 compute, 4 x 256 and 4 x 512 tokens: peak RSS exceeded the other parts by
+# 0.13 and 0.03 of the dynamic memory; a step allocated 4.9x and 4.5x the bytes autograd keeps
+# (torch profiler, profile_memory).
 COMPACT_ALLOCATOR_SHARE = 0.08
 COMPACT_ALLOCATED_PER_KEPT = 4.7
 
@@ -266,11 +267,9 @@ def _plain_lm(sized: _Sized) -> bool:
 def _compact_allocator(sized: _Sized) -> bool:
     """Whether the run allocates compactly (train.compact_memory; auto: a QLoRA base), which
     sets glibc's mmap threshold (a no-op elsewhere)."""
-    import platform
-
     from lorakit.training.loop import compact_memory
 
-    return compact_memory(sized.config) and platform.libc_ver()[0] == "glibc"
+    return compact_memory(sized.config) and compact_allocation_available()
 
 
 def _seconds(sized: _Sized, params: ParameterCounts, grad_accum: int, checkpointing: bool) -> float:

@@ -15,9 +15,9 @@ Everything else (norms, activations, adapters, copies) is memory-bound: the byte
 keeps, written in forward and read twice in backward, over the probe's memory bandwidth.
 
 A run with train.compact_memory (auto: QLoRA) allocates compactly (every allocation of 1 MiB or
-more a fresh mapping, returned to the system when freed: ``lorakit._memory``), so each step's large tensors are new pages
-the kernel maps and zeroes: the calibration also times first writes to a fresh anonymous
-mapping against writes to a warm buffer (``fresh_bytes_per_s``).
+more a fresh mapping, returned to the system when freed: ``lorakit._memory``), so each step's
+large tensors are new pages the kernel maps and zeroes: the calibration also times first writes
+to a fresh anonymous mapping against writes to a warm buffer (``fresh_bytes_per_s``).
 Results are cached per host and shape next to the host probe (``lorakit env``).
 """
 
@@ -108,8 +108,11 @@ def _fresh_memory_rate(megabytes: int = 64) -> float:
             view.fill_(1)
             del view  # the buffer export must end before the mapping closes
 
-    extra = _best_time(fresh, repeats=5) - _best_time(lambda: warm.fill_(1), repeats=5)
-    return size / max(extra, 1e-6)
+    fresh_s = _best_time(fresh, repeats=5)
+    # a difference of two timings: a busy moment during the warm fill would shrink it towards 0
+    # (fresh pages free); the mapping costs most of a fresh write (87% here), so at least half
+    extra = max(fresh_s - _best_time(lambda: warm.fill_(1), repeats=5), fresh_s / 2)
+    return size / extra
 
 
 def measure_rates(in_features: int, out_features: int, tokens: int, kind: str, dtype: torch.dtype,
@@ -142,7 +145,7 @@ def host_rates(in_features: int, out_features: int, tokens: int, kind: str, dtyp
         rates = Rates(linear_s_per_flop=min(rates.linear_s_per_flop, cached.linear_s_per_flop),
                       attention_s_per_flop=min(rates.attention_s_per_flop, cached.attention_s_per_flop),
                       memory_bytes_per_s=max(rates.memory_bytes_per_s, cached.memory_bytes_per_s),
-                      fresh_bytes_per_s=max(rates.fresh_bytes_per_s, cached.fresh_bytes_per_s))
+                      fresh_bytes_per_s=rates.fresh_bytes_per_s)  # a difference of timings: this reading
     except (OSError, ValueError, TypeError):
         pass
     try:

@@ -175,16 +175,16 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype="float32", device: str |
     quantized size, never the dense model's). ``compact_memory``: allocate memory-first for the
     rest of the process (``lorakit._memory.use_compact_allocation``), set before the load; None:
     for a quantized load only (on a ~3B QLoRA run it took the peak of 3 training steps from 4.7
-    to 2.7 GiB at the same step time; on the built-in model it costs ~25% of step time).
+    to 2.7 GiB at the same step time; on the built-in model it costs ~20% of step time).
     """
     from transformers import AutoModelForCausalLM
 
     from lorakit._memory import use_compact_allocation
 
-    if compact_memory or (compact_memory is None and quantize is not None):
-        use_compact_allocation()
     source, recorded_name = resolve_model_source(str(name_or_path))
     tokenizer = tokenizer or _tokenizer_from(source, str(name_or_path))
+    if compact_memory or (compact_memory is None and quantize is not None):
+        use_compact_allocation()
     if quantize is not None and attn_implementation is None:
         from lorakit.models.stream_load import load_quantized
 
