@@ -8,6 +8,7 @@ memory-first for the rest of the process. A leaf module: it imports nothing of l
 
 from __future__ import annotations
 
+import functools
 import os
 import resource
 import sys
@@ -55,8 +56,10 @@ def available_bytes() -> int:
 COMPACT_MMAP_THRESHOLD = 1 << 20
 
 
+@functools.cache
 def compact_allocation_available() -> bool:
-    """Whether ``use_compact_allocation`` can act here: glibc's malloc (Linux)."""
+    """Whether ``use_compact_allocation`` can act here: glibc's malloc (Linux). Cached: the
+    answer is fixed for the process, and ``platform.libc_ver`` reads the interpreter's binary."""
     import platform
 
     return platform.libc_ver()[0] == "glibc"

@@ -34,10 +34,10 @@ def suggest(sized, estimate: Estimate, memory) -> list[str]:
             size //= 2
     quantized = qlora_counts(sized)
     if quantized is not None:
-        qlora_compact = can_compact  # auto: a quantized base allocates compactly
-        tried.append(("method=qlora", 1.0, args.grad_checkpointing, quantized, qlora_compact))
+        # under auto a quantized base allocates compactly
+        tried.append(("method=qlora", 1.0, args.grad_checkpointing, quantized, can_compact))
         if not args.grad_checkpointing:
-            tried.append(("method=qlora train.grad_checkpointing=true", 1.0, True, quantized, qlora_compact))
+            tried.append(("method=qlora train.grad_checkpointing=true", 1.0, True, quantized, can_compact))
     found: list[str] = []
     for label, factor, checkpointing, params, compact_here in tried:
         parts, load, _, _ = memory(sized, factor, checkpointing, params, compact_here)

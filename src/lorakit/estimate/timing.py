@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from lorakit._cache import cache_dir
+from lorakit._memory import compact_allocation_available
 from lorakit._io import write_json_atomic
 
 _FORMAT = 2
@@ -96,7 +97,7 @@ def _fresh_memory_rate(megabytes: int = 64) -> float:
     warm buffer: what a compact allocator pays for every large tensor of a step."""
     import mmap
 
-    if not hasattr(mmap, "MAP_PRIVATE"):  # not POSIX: no compact allocator to pay for
+    if not compact_allocation_available():  # no compact allocator to pay for
         return float("inf")
     size = megabytes * 2**20
     warm = torch.empty(size, dtype=torch.uint8)
